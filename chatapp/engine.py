@@ -1,0 +1,304 @@
+"""Standard and speculative decoding, as one engine.
+
+Contract: the engine knows nothing about text. It takes prompt token ids,
+stop ids and two already-loaded `DecoderLM`s that share a vocabulary, and
+yields the new tokens after every round, each tagged with where it came from:
+
+    "draft"     a draft token the target accepted
+    "target"    the target's replacement for a rejected draft token
+    "bonus"     the target's extra token after all K drafts were accepted
+    "standard"  a token of standard (target-only) decoding
+
+Speculative sampling follows Leviathan et al. (2023) / Chen et al. (2023):
+accept draft token x with probability min(1, p(x)/q(x)); on rejection draw
+from normalize(max(0, p - q)); after K acceptances draw a bonus token from p.
+With temperature 0 both p and q are one-hot argmaxes, so the output is
+token-for-token the target's greedy decode. p and q are the target's and the
+draft's distributions after the same temperature/top-k/top-p processing.
+
+Prefill covers the prompt except its last token; every generated token then
+comes out of a round, so the first token of a reply can already be drafted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .lm import DecoderLM
+from .sampling import SamplingParams, logits_to_probs, new_generator, sample
+from .stats import Baseline, TurnStats
+
+MODES = ("speculative", "standard")
+SOURCES = ("draft", "target", "bonus", "standard")
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    source: str
+
+
+def _clock(device: torch.device) -> float:
+    # CUDA launches are asynchronous: time only what has actually run.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def speculative_accept(
+    p: torch.Tensor, q: torch.Tensor, proposals: list[int], generator: torch.Generator
+) -> tuple[int, int]:
+    """The accept/reject rule of speculative sampling.
+
+    p: [k+1, V] target distributions, q: [k, V] draft distributions, proposals:
+    the k draft tokens (each drawn from its row of q). Returns how many were
+    accepted and the token that ends the round (a resample or the bonus).
+    """
+    k = len(proposals)
+    rows = torch.arange(k, device=p.device)
+    picked = torch.tensor(proposals, device=p.device)
+    r = torch.rand(k, generator=generator, device=p.device)
+    # r < p/q, written without a division; q(x) > 0 because x was drawn from q.
+    keep = (r * q[rows, picked] < p[rows, picked]).tolist()
+    accepted = keep.index(False) if False in keep else k
+    if accepted == k:
+        return k, sample(p[k], generator)
+    residual = torch.clamp(p[accepted] - q[accepted], min=0.0)
+    total = residual.sum()
+    # p(x) < q(x) guarantees mass; guard against float underflow anyway.
+    residual = residual / total if total > 0 else p[accepted]
+    return accepted, sample(residual, generator)
+
+
+class Generation:
+    """One reply. Iterate it for per-round token lists; `stats` is live and
+    final once iteration ends or `close()` is called (e.g. on Stop)."""
+
+    def __init__(
+        self,
+        target: DecoderLM,
+        draft: DecoderLM | None,
+        prompt_ids: Sequence[int],
+        *,
+        mode: str = "speculative",
+        k: int = 4,
+        sampling: SamplingParams = SamplingParams(),
+        max_new_tokens: int = 256,
+        stop_ids: Sequence[int] = (),
+        seed: int = 0,
+        baseline: Baseline | None = None,
+        record_baseline: bool = True,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "speculative" and draft is None:
+            raise ValueError("speculative mode needs a draft model")
+        if not 1 <= k <= 64:
+            raise ValueError(f"k must be in 1..64, got {k}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.max_positions = min(target.max_positions, draft.max_positions if draft else 1 << 30)
+        if len(prompt_ids) >= self.max_positions:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context holds {self.max_positions}"
+            )
+        self.target = target
+        self.draft = draft if mode == "speculative" else None
+        self.mode = mode
+        self.k = k
+        self.sampling = sampling
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = frozenset(int(t) for t in stop_ids)
+        self.seed = seed
+        self.prompt_ids = prompt_ids
+        self.tokens: list[Token] = []
+        self._baseline = baseline if record_baseline else None
+        vocab = target.vocab_size if self.draft is None else min(target.vocab_size, self.draft.vocab_size)
+        self._vocab = vocab  # a padded vocabulary's extra rows are never proposed or compared
+        self.stats = TurnStats(
+            mode=mode,
+            k=k if mode == "speculative" else 0,
+            prompt_tokens=len(prompt_ids),
+            baseline_tokens_per_s=baseline.tokens_per_s if baseline else None,
+            baseline_source=baseline.source if baseline else "none",
+            int8_path=self.draft.info.quantization if self.draft else "",
+            source_counts={s: 0 for s in SOURCES},
+        )
+        self._stop_requested = False
+        self._iterator: Iterator[list[Token]] | None = None
+
+    # -- public -------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[list[Token]]:
+        if self._iterator is None:
+            self._iterator = self._run()
+        return self._iterator
+
+    def stop(self) -> None:
+        """Ask the generation to end after the current round (thread-safe)."""
+        self._stop_requested = True
+
+    def close(self) -> None:
+        if self._iterator is not None:
+            self._iterator.close()
+        elif not self.stats.stop_reason:
+            self.stats.stop_reason = "stopped"
+
+    def run(self) -> list[Token]:
+        """Generate to the end; return all tokens."""
+        for _ in self:
+            pass
+        return self.tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+    # -- decoding -----------------------------------------------------------
+
+    def _run(self) -> Iterator[list[Token]]:
+        device = self.target.device
+        self._generator = new_generator(self.seed, device)
+        self._ids = list(self.prompt_ids)
+        capacity = min(self.max_positions, len(self._ids) + self.max_new_tokens + self.k + 1)
+        start = _clock(device)
+        try:
+            self._target_cache = self.target.new_cache(capacity)
+            self._target_len = self._prefill(self.target, self._target_cache)
+            if self.draft is not None:
+                self._draft_cache = self.draft.new_cache(capacity)
+                self._draft_len = self._prefill(self.draft, self._draft_cache)
+            self.stats.prefill_s = _clock(device) - start
+            while True:
+                room = min(self.max_new_tokens - len(self.tokens), self.max_positions - len(self._ids))
+                if room <= 0:
+                    self.stats.stop_reason = (
+                        "max_new_tokens" if len(self.tokens) >= self.max_new_tokens else "context"
+                    )
+                    break
+                if self._stop_requested:
+                    self.stats.stop_reason = "stopped"
+                    break
+                k = min(self.k, room - 1) if self.draft is not None else 0
+                proposed = self._speculative_round(k) if k > 0 else self._target_step()
+                emitted = self._emit(proposed)
+                self.stats.wall_s = _clock(device) - start
+                yield emitted
+                if emitted and emitted[-1].id in self.stop_ids:
+                    self.stats.stop_reason = "eos"
+                    break
+        except GeneratorExit:
+            self.stats.stop_reason = "stopped"
+            raise
+        finally:
+            self.stats.wall_s = _clock(device) - start
+            # Free what the turn held: caches can be hundreds of MB.
+            self._target_cache = self._draft_cache = None
+            if (
+                self._baseline is not None
+                and self.mode == "standard"
+                and self.stats.stop_reason in ("eos", "max_new_tokens")
+                and self.stats.new_tokens >= 8
+            ):
+                self._baseline.record(self.stats.tokens_per_s, "standard-mode turns")
+
+    def _prefill(self, lm: DecoderLM, cache) -> int:
+        if len(self._ids) > 1:
+            lm.forward(self._ids[:-1], 0, cache, logits=False)
+        return len(self._ids) - 1
+
+    def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """A token from one row of logits, and the distribution it came from."""
+        if self.sampling.greedy:
+            return int(torch.argmax(logits)), None
+        probs = logits_to_probs(logits.view(1, -1), self.sampling)[0]
+        return sample(probs, self._generator), probs
+
+    def _target_step(self) -> list[Token]:
+        """One target forward on the last token: standard decoding."""
+        t0 = _clock(self.target.device)
+        logits = self.target.forward(self._ids[self._target_len :], self._target_len, self._target_cache)
+        token, _ = self._choose(logits[-1, : self._vocab])
+        self.stats.target_forwards += 1
+        self.stats.target_s += _clock(self.target.device) - t0
+        return [Token(token, "standard" if self.draft is None else "target")]
+
+    def _speculative_round(self, k: int) -> list[Token]:
+        assert self.draft is not None
+        n = len(self._ids)
+        vocab = self._vocab
+
+        # Draft proposes k tokens. Its pending input is 1 token, or 2 after a
+        # round that ended with a bonus (the last draft token was never fed).
+        t0 = _clock(self.draft.device)
+        logits = self.draft.forward(self._ids[self._draft_len :], self._draft_len, self._draft_cache)[-1]
+        proposals: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        for i in range(k):
+            token, probs = self._choose(logits[:vocab])
+            proposals.append(token)
+            if probs is not None:
+                draft_probs.append(probs)
+            if i < k - 1:
+                logits = self.draft.forward([token], n + i, self._draft_cache)[-1]
+        self.stats.draft_forwards += k
+        self._draft_len = n + k - 1
+
+        # Target scores the pending token and all k proposals in one forward.
+        t1 = _clock(self.target.device)
+        target_logits = self.target.forward(
+            self._ids[self._target_len :] + proposals, self._target_len, self._target_cache
+        )[-(k + 1) :, :vocab]
+        self.stats.target_forwards += 1
+
+        if self.sampling.greedy:
+            choices = torch.argmax(target_logits, dim=-1).tolist()
+            accepted = 0
+            while accepted < k and proposals[accepted] == choices[accepted]:
+                accepted += 1
+            final = choices[accepted]
+        else:
+            p = logits_to_probs(target_logits, self.sampling)
+            accepted, final = speculative_accept(p, torch.stack(draft_probs), proposals, self._generator)
+        self.stats.target_s += _clock(self.target.device) - t1
+        self.stats.draft_s += t1 - t0
+        self.stats.rounds += 1
+        self.stats.drafted += k
+        self.stats.accepted += accepted
+
+        out = [Token(t, "draft") for t in proposals[:accepted]]
+        out.append(Token(final, "bonus" if accepted == k else "target"))
+        return out
+
+    def _emit(self, proposed: list[Token]) -> list[Token]:
+        """Cut at a stop token or the token budget, then advance the caches."""
+        emitted: list[Token] = []
+        for token in proposed:
+            if len(self.tokens) + len(emitted) >= self.max_new_tokens:
+                break
+            emitted.append(token)
+            if token.id in self.stop_ids:
+                break
+        self.tokens.extend(emitted)
+        self._ids.extend(t.id for t in emitted)
+        self.stats.new_tokens = len(self.tokens)
+        for t in emitted:
+            self.stats.source_counts[t.source] += 1
+        # Every emitted token but the last has been fed to the target; rejected
+        # positions beyond that are overwritten by the next forward.
+        self._target_len = min(self._target_len + len(proposed), len(self._ids) - 1)
+        if self.draft is not None:
+            self._draft_len = min(self._draft_len, len(self._ids) - 1)
+        return emitted
+
+
+def generate(target: DecoderLM, draft: DecoderLM | None, prompt_ids: Sequence[int], **kwargs) -> Generation:
+    """Start a generation; see `Generation` for the arguments."""
+    return Generation(target, draft, prompt_ids, **kwargs)

@@ -1,0 +1,164 @@
+"""Per-turn statistics, the measured standard-decoding baseline, and the
+speculative-decoding theory (expected tokens per round, expected speedup,
+the auto-K rule) that the UI and the benchmark compare measurements with.
+
+Theory (Leviathan et al. 2023, Chen et al. 2023), acceptance rate a, K draft
+tokens per round, draft/target cost ratio c:
+    expected tokens per round  E = (1 - a^(K+1)) / (1 - a)
+    expected speedup           S = E / (1 + K c)
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from dataclasses import asdict, dataclass, field
+
+
+def expected_tokens_per_round(a: float, k: int) -> float:
+    if a >= 1.0:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def expected_speedup(a: float, k: int, c: float) -> float:
+    return expected_tokens_per_round(a, k) / (1.0 + k * c)
+
+
+def best_k(a: float, c: float, k_max: int = 16) -> int:
+    """The K in 1..k_max that maximises the expected speedup."""
+    return max(range(1, k_max + 1), key=lambda k: (expected_speedup(a, k, c), -k))
+
+
+@dataclass
+class TurnStats:
+    mode: str  # "speculative" or "standard"
+    k: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    target_s: float = 0.0
+    baseline_tokens_per_s: float | None = None
+    baseline_source: str = "none"
+    int8_path: str = ""
+    stop_reason: str = ""  # "eos", "max_new_tokens", "stopped", "context"
+    source_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def mean_accepted_per_round(self) -> float | None:
+        return self.accepted / self.rounds if self.rounds else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.baseline_tokens_per_s or not self.new_tokens:
+            return None
+        return self.tokens_per_s / self.baseline_tokens_per_s
+
+    @property
+    def draft_step_s(self) -> float | None:
+        return self.draft_s / self.draft_forwards if self.draft_forwards else None
+
+    @property
+    def verify_step_s(self) -> float | None:
+        return self.target_s / self.target_forwards if self.target_forwards else None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for name in (
+            "acceptance_rate",
+            "mean_accepted_per_round",
+            "tokens_per_s",
+            "speedup",
+            "draft_step_s",
+            "verify_step_s",
+        ):
+            out[name] = getattr(self, name)
+        return out
+
+
+class Baseline:
+    """The standard-decoding rate of one target on this machine.
+
+    Seeded by a calibration run at load time, then refreshed by every
+    standard-mode turn: the median of the most recent measurements.
+    """
+
+    def __init__(self, window: int = 5):
+        self._window = window
+        self._rates: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+
+    def record(self, tokens_per_s: float, origin: str) -> None:
+        if tokens_per_s <= 0:
+            return
+        with self._lock:
+            self._rates.append((tokens_per_s, origin))
+            self._rates = self._rates[-self._window :]
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        with self._lock:
+            return statistics.median(r for r, _ in self._rates) if self._rates else None
+
+    @property
+    def source(self) -> str:
+        with self._lock:
+            if not self._rates:
+                return "none"
+            origins = sorted({o for _, o in self._rates})
+            return f"median of {len(self._rates)} standard-decoding run(s) on this machine: " + ", ".join(origins)
+
+
+class AcceptanceTracker:
+    """Running acceptance rate and draft/target cost ratio, for auto K."""
+
+    def __init__(self, prior_rate: float = 0.7, prior_cost_ratio: float = 0.3):
+        self.drafted = 0
+        self.accepted = 0
+        self.draft_s = 0.0
+        self.draft_forwards = 0
+        self.verify_s = 0.0
+        self.verify_forwards = 0
+        self._prior_rate = prior_rate
+        self._prior_cost = prior_cost_ratio
+
+    def record(self, stats: TurnStats) -> None:
+        if stats.mode != "speculative":
+            return
+        self.drafted += stats.drafted
+        self.accepted += stats.accepted
+        self.draft_s += stats.draft_s
+        self.draft_forwards += stats.draft_forwards
+        # Verify cost only from forwards that verified drafts; prefill excluded
+        # because target_s already excludes it.
+        self.verify_s += stats.target_s
+        self.verify_forwards += stats.target_forwards
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else self._prior_rate
+
+    @property
+    def cost_ratio(self) -> float:
+        if not (self.draft_forwards and self.verify_forwards):
+            return self._prior_cost
+        return (self.draft_s / self.draft_forwards) / (self.verify_s / self.verify_forwards)
+
+    def choose_k(self, k_max: int = 16) -> int:
+        # Clamp a away from 1 so a perfect streak does not pin K at k_max forever.
+        return best_k(min(self.acceptance_rate, 0.99), self.cost_ratio, k_max)
