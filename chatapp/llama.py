@@ -1,0 +1,271 @@
+"""A fast decoder for Llama-family models (Llama, SmolLM, Qwen2) with a static KV cache.
+
+It implements the `DecoderLM` interface of chatapp.lm from the weights of a
+loaded transformers model:
+
+* keys/values live in one preallocated tensor per layer and are written at
+  explicit positions, so rolling back rejected draft tokens costs nothing:
+  the next forward simply overwrites them (no torch.cat, no crop);
+* Q/K/V and gate/up projections are fused into one matrix each;
+* on CPU, few-row matmuls and attention run in chatapp/kernels (weights read
+  once per step; results independent of the number of rows, which makes
+  greedy speculative decoding bit-exact against standard decoding);
+* `quantize="int8-weight-only"` stores every matrix (LM head included) as
+  int8 with one fp32 scale per output row; activations stay fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import cpu_kernels
+from .lm import ModelInfo, as_id_tensor
+
+SUPPORTED_TYPES = ("llama", "qwen2")
+INT8 = "int8-weight-only"
+# Above this many rows (prefill) BLAS is faster than the few-row kernels.
+FEW_ROWS = 32
+
+
+def supports(config) -> bool:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return (
+        getattr(config, "model_type", "") in SUPPORTED_TYPES
+        and getattr(config, "hidden_act", "silu") == "silu"
+        and not getattr(config, "mlp_bias", False)
+        and rope.get("rope_type", "default") not in ("dynamic", "longrope")
+    )
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: weight ~= q * scale[:, None]."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+NO_TENSOR = torch.empty(0)
+
+
+class Linear:
+    """y = x @ W.T (+ b). Float weights, or int8 rows with one fp32 scale each
+    (weight-only quantization: activations stay fp32)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels, *, int8: bool = False):
+        if int8:
+            self.weight, self.scale = quantize_int8(weight)
+        else:
+            self.weight, self.scale = weight.contiguous(), NO_TENSOR
+        self.bias = bias
+        self._kernels = kernels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernels is not None and x.shape[0] <= FEW_ROWS:
+            y = self._kernels.linear(x, self.weight, self.scale)
+        elif self.weight.dtype == torch.int8:
+            y = F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
+        else:
+            y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.weight, self.scale] + ([] if self.bias is None else [self.bias])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    mlp_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
+class StaticCache:
+    """Per-layer key/value tensors [kv_heads, capacity, head_dim]."""
+
+    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (kv_heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.capacity = capacity
+
+
+class LlamaDecoderLM:
+    def __init__(self, hf_model: torch.nn.Module, *, quantize: str | None = None, info: ModelInfo | None = None):
+        config = hf_model.config
+        if not supports(config):
+            raise ValueError(f"the fast decoder does not support model type {config.model_type!r}")
+        if quantize not in (None, INT8):
+            raise ValueError(f"unknown quantization {quantize!r}")
+        base = hf_model.model
+        first = next(hf_model.parameters())
+        self.device = first.device
+        self.dtype = torch.float32 if quantize else first.dtype
+        self._kernels = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        make = lambda w, b: Linear(w, b, self._kernels, int8=quantize is not None)  # noqa: E731
+        detach = lambda t: None if t is None else t.detach().to(self.dtype)  # noqa: E731
+
+        self.vocab_size = int(config.vocab_size)
+        self.max_positions = int(config.max_position_embeddings)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.eps = float(config.rms_norm_eps)
+
+        self.layers: list[Layer] = []
+        for block in base.layers:
+            attn, mlp = block.self_attn, block.mlp
+            qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+            qkv_b = None
+            if attn.q_proj.bias is not None:
+                qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach()
+            self.layers.append(
+                Layer(
+                    attn_norm=detach(block.input_layernorm.weight),
+                    qkv=make(detach(qkv_w), detach(qkv_b)),
+                    o=make(detach(attn.o_proj.weight), None),
+                    mlp_norm=detach(block.post_attention_layernorm.weight),
+                    gate_up=make(detach(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), None),
+                    down=make(detach(mlp.down_proj.weight), None),
+                )
+            )
+        self.norm = detach(base.norm.weight)
+        self.embed = detach(base.embed_tokens.weight)
+        self.lm_head = make(detach(hf_model.lm_head.weight), None)
+        if quantize:
+            # The lookup reads one row per token; keep it small like the rest.
+            self.embed_q, self.embed_scale = quantize_int8(self.embed)
+            self.embed = None
+
+        # RoPE tables from the model's own rotary module, so every rope type
+        # transformers computes statically (default, linear, llama3, yarn) matches.
+        rotary = base.rotary_emb
+        inv_freq = rotary.inv_freq.detach().float().to(self.device)
+        positions = torch.arange(self.max_positions, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        self.cos = (angles.cos() * scaling).to(self.dtype)
+        self.sin = (angles.sin() * scaling).to(self.dtype)
+
+        self.info = info or ModelInfo(name=getattr(config, "_name_or_path", "") or "llama")
+        self.info.dtype = "int8 weights, fp32 activations" if quantize else str(self.dtype).replace("torch.", "")
+        if quantize:
+            path = "int8 weight-only per-channel"
+            path += " (specchat AVX-512 kernel)" if self._kernels is not None else " (torch dequantize fallback)"
+            self.info.quantization = path
+        self.info.device = str(self.device)
+        self.info.implementation = "specchat static-cache decoder" + (
+            " + CPU kernels" if self._kernels is not None else " (torch ops)"
+        )
+        self.info.parameters = sum(p.numel() for p in hf_model.parameters())
+        self.info.weight_bytes = self._weight_bytes()
+
+    @classmethod
+    def from_hf(cls, hf_model, *, quantize: str | None = None, info: ModelInfo | None = None) -> "LlamaDecoderLM":
+        return cls(hf_model, quantize=quantize, info=info)
+
+    def _weight_bytes(self) -> int:
+        linears = [self.lm_head] + [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        total = sum(m.nbytes for m in linears)
+        norms = [self.norm] + [t for layer in self.layers for t in (layer.attn_norm, layer.mlp_norm)]
+        total += sum(t.numel() * t.element_size() for t in norms)
+        if self.embed is not None:
+            total += self.embed.numel() * self.embed.element_size()
+        else:
+            total += self.embed_q.numel() + self.embed_scale.numel() * 4
+        return total
+
+    def step_weight_bytes(self) -> int:
+        """Bytes of weights one decode step must read (all but the unused embedding rows)."""
+        embed = self.embed if self.embed is not None else self.embed_q
+        return self._weight_bytes() - embed.numel() * embed.element_size()
+
+    # -- DecoderLM ------------------------------------------------------------
+
+    def new_cache(self, capacity: int) -> StaticCache:
+        capacity = min(capacity, self.max_positions)
+        return StaticCache(len(self.layers), self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids, start: int, cache: StaticCache, *, logits: bool = True) -> torch.Tensor | None:
+        ids = as_id_tensor(ids, self.device)
+        n = ids.shape[0]
+        if start + n > cache.capacity:
+            raise ValueError(f"forward past the cache: {start}+{n} > {cache.capacity}")
+        x = self._embed(ids)
+        if self._kernels is not None and n <= FEW_ROWS:
+            return self._forward_fused(x, start, cache, logits)
+        cos, sin = self.cos[start : start + n, None, :], self.sin[start : start + n, None, :]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer.attn_norm)
+            q, k, v = layer.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
+            q = _rope(q.view(n, self.heads, self.head_dim), cos, sin)
+            k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
+            cache.keys[i][:, start : start + n] = k.transpose(0, 1)
+            cache.values[i][:, start : start + n] = v.view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            attn = self._attention(q.contiguous(), cache.keys[i], cache.values[i], start)
+            x = x + layer.o(attn.view(n, q_size))
+            h = self._rms_norm(x, layer.mlp_norm)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        if not logits:
+            return None
+        return self.lm_head(self._rms_norm(x, self.norm)).float()
+
+    def _forward_fused(self, x: torch.Tensor, start: int, cache: StaticCache, logits: bool) -> torch.Tensor | None:
+        """Few rows on CPU: one kernel call per block, no per-op Python overhead."""
+        x = x.contiguous()
+        for i, layer in enumerate(self.layers):
+            self._kernels.block_forward(
+                x, layer.attn_norm,
+                layer.qkv.weight, layer.qkv.scale, NO_TENSOR if layer.qkv.bias is None else layer.qkv.bias,
+                layer.o.weight, layer.o.scale,
+                layer.mlp_norm,
+                layer.gate_up.weight, layer.gate_up.scale,
+                layer.down.weight, layer.down.scale,
+                cache.keys[i], cache.values[i], self.cos, self.sin,
+                start, self.eps, self.heads, self.kv_heads,
+            )  # fmt: skip
+        if not logits:
+            return None
+        return self.lm_head(self._kernels.rms_norm(x, self.norm, self.eps))
+
+    # -- pieces ---------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            return self.embed[ids]
+        return self.embed_q[ids].float() * self.embed_scale[ids, None]
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        n = q.shape[0]
+        if self._kernels is not None:
+            return self._kernels.attention(q, keys, values, start)
+        end = start + n
+        # [heads, n, d] against [kv_heads, end, d]; causal within the new rows.
+        mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys[:, :end], values[:, :end], attn_mask=mask, enable_gqa=True
+        )
+        return out.transpose(0, 1).contiguous()
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
