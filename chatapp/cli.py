@@ -1,0 +1,210 @@
+"""Command line: `python main.py [serve] | generate | bench | prepare`.
+
+Every user error ends as one line on stderr and exit status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .settings import SettingsError, load_settings
+
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the usage block too
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="settings file (default: settings.toml, or $SPECCHAT_CONFIG)")
+    parser.add_argument("--target", help="target model: hub id, local folder, .gguf file or embedded:NAME")
+    parser.add_argument("--draft", help="draft model (default: INT8 copy of the target)")
+    parser.add_argument("--preset", help="a [presets.NAME] pair from the settings file")
+    parser.add_argument("--device", help="auto, cpu or cuda")
+
+
+def _decoding_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", help="speculative or standard")
+    parser.add_argument("--k", type=int, help="draft tokens per round (1..16)")
+    parser.add_argument("--temperature", type=float, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, dest="top_p")
+    parser.add_argument("--top-k", type=int, dest="top_k")
+    parser.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    parser.add_argument("--seed", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="main.py", description="Speculative-decoding chat app")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+
+    serve = sub.add_parser("serve", help="run the chat UI (the default)")
+    _model_flags(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--share", action="store_true", default=None)
+    serve.add_argument("--no-browser", action="store_true")
+
+    gen = sub.add_parser("generate", help="answer one prompt in the terminal")
+    _model_flags(gen)
+    _decoding_flags(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--system", help="system prompt")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    bench = sub.add_parser("bench", help="measure standard vs speculative decoding")
+    _model_flags(bench)
+    bench.add_argument("--prompts", help="JSONL prompt file (default: the shipped set)")
+    bench.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    bench.add_argument("--k", help="comma-separated K values, e.g. 1,2,4,8")
+    bench.add_argument("--temperature", help="comma-separated temperatures, e.g. 0,0.7")
+    bench.add_argument("--modes", help="comma-separated: hf-generate,hf-assisted,standard,speculative,auto-k")
+    bench.add_argument("--repeats", type=int)
+    bench.add_argument("--out", help="output folder (default: bench-out)")
+    bench.add_argument("--quick", action="store_true", help="a run of a few minutes")
+
+    prepare = sub.add_parser("prepare", help="fetch and convert the embedded model, build the CPU kernels")
+    _model_flags(prepare)
+    return parser
+
+
+def _settings(args):
+    overrides = {
+        "model.target": getattr(args, "target", None),
+        "model.draft": getattr(args, "draft", None),
+        "model.device": getattr(args, "device", None),
+        "decoding.mode": getattr(args, "mode", None),
+        "decoding.k": getattr(args, "k", None) if isinstance(getattr(args, "k", None), int) else None,
+        "decoding.temperature": getattr(args, "temperature", None)
+        if isinstance(getattr(args, "temperature", None), float)
+        else None,
+        "decoding.top_p": getattr(args, "top_p", None),
+        "decoding.top_k": getattr(args, "top_k", None),
+        "decoding.max_new_tokens": getattr(args, "max_new_tokens", None),
+        "decoding.seed": getattr(args, "seed", None),
+        "decoding.system_prompt": getattr(args, "system", None),
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "server.share": getattr(args, "share", None),
+        "server.open_browser": False if getattr(args, "no_browser", False) else None,
+    }
+    settings = load_settings(args.config, overrides=overrides)
+    if getattr(args, "preset", None):
+        from .settings import apply_preset
+
+        settings = apply_preset(settings, args.preset)
+    return settings
+
+
+def _load(settings, quiet: bool = False):
+    from .models import load_pair
+
+    progress = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    return load_pair(settings.model, progress=progress)
+
+
+def cmd_generate(args) -> int:
+    settings = _settings(args)
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    from .service import ChatService
+
+    pair = _load(settings, quiet=args.json)
+    service = ChatService(pair)
+    service.calibrate()
+    history = [{"role": "user", "content": args.prompt}]
+    turn = service.start_turn(history, settings.decoding, system=args.system)
+    if turn.notice and not args.json:
+        print(f"[{turn.notice}]", file=sys.stderr)
+    for event in turn:
+        if not args.json:
+            print(event.text, end="", flush=True)
+    stats = turn.stats
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": turn.text,
+                    "token_ids": [t.id for t in turn.tokens],
+                    "sources": [t.source for t in turn.tokens],
+                    "stats": stats.to_dict(),
+                    "k_choice": turn.k_choice,
+                    "target": pair.target.info.__dict__,
+                    "draft": pair.draft.info.__dict__,
+                }
+            )
+        )
+    else:
+        print()
+        print(format_stats_line(stats), file=sys.stderr)
+    return 0
+
+
+def format_stats_line(stats) -> str:
+    parts = [f"{stats.mode}", f"{stats.new_tokens} tokens", f"{stats.tokens_per_s:.1f} tok/s"]
+    if stats.mode == "speculative":
+        parts.insert(1, f"K={stats.k}")
+        if stats.acceptance_rate is not None:
+            parts.append(f"acceptance {stats.acceptance_rate:.0%}")
+            parts.append(f"{stats.mean_accepted_per_round:.2f} accepted/round")
+    if stats.speedup is not None:
+        parts.append(f"speedup {stats.speedup:.2f}x vs {stats.baseline_tokens_per_s:.1f} tok/s standard")
+    return "[" + ", ".join(parts) + "]"
+
+
+def cmd_serve(args) -> int:
+    from .ui import serve
+
+    settings = _settings(args)
+    return serve(settings)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    settings = _settings(args)
+    return run_bench(settings, args)
+
+
+def cmd_prepare(args) -> int:
+    from .kernels import cpu_kernels
+    from .models import ensure_embedded_model
+
+    started = time.perf_counter()
+    print(f"embedded model: {ensure_embedded_model()}", file=sys.stderr)
+    print(f"CPU kernels: {'ready' if cpu_kernels() is not None else 'unavailable (torch ops fallback)'}", file=sys.stderr)
+    print(f"prepared in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "prepare": cmd_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["serve", *argv]
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["serve"])
+    from .models import ModelLoadError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (SettingsError, ModelLoadError, ValueError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory loading or running the model; try a smaller model", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
