@@ -77,30 +77,41 @@ inline float dot_i8(const float* x, const int8_t* w, int64_t k) {
 // bit-identical to four separate dot_f32 calls.
 inline void dot4_f32(const float* x, int64_t stride, const float* w, int64_t k, float* out, int64_t out_stride) {
 #if defined(__AVX512F__)
-  __m512 acc[4][4];
-  for (int r = 0; r < 4; ++r)
-    for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_ps();
+  const float* x0 = x;
+  const float* x1 = x + stride;
+  const float* x2 = x + 2 * stride;
+  const float* x3 = x + 3 * stride;
+  __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+  __m512 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+  __m512 a30 = a00, a31 = a00, a32 = a00, a33 = a00;
   int64_t i = 0;
   for (; i + 64 <= k; i += 64) {
     const __m512 w0 = _mm512_loadu_ps(w + i), w1 = _mm512_loadu_ps(w + i + 16);
     const __m512 w2 = _mm512_loadu_ps(w + i + 32), w3 = _mm512_loadu_ps(w + i + 48);
-    for (int r = 0; r < 4; ++r) {
-      const float* xr = x + r * stride + i;
-      acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 32), w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 48), w3, acc[r][3]);
-    }
+#define SPECCHAT_ROW(r)                                                       \
+    a##r##0 = _mm512_fmadd_ps(_mm512_loadu_ps(x##r + i), w0, a##r##0);       \
+    a##r##1 = _mm512_fmadd_ps(_mm512_loadu_ps(x##r + i + 16), w1, a##r##1);  \
+    a##r##2 = _mm512_fmadd_ps(_mm512_loadu_ps(x##r + i + 32), w2, a##r##2);  \
+    a##r##3 = _mm512_fmadd_ps(_mm512_loadu_ps(x##r + i + 48), w3, a##r##3);
+    SPECCHAT_ROW(0) SPECCHAT_ROW(1) SPECCHAT_ROW(2) SPECCHAT_ROW(3)
+#undef SPECCHAT_ROW
   }
   for (; i + 16 <= k; i += 16) {
     const __m512 w0 = _mm512_loadu_ps(w + i);
-    for (int r = 0; r < 4; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * stride + i), w0, acc[r][0]);
+    a00 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + i), w0, a00);
+    a10 = _mm512_fmadd_ps(_mm512_loadu_ps(x1 + i), w0, a10);
+    a20 = _mm512_fmadd_ps(_mm512_loadu_ps(x2 + i), w0, a20);
+    a30 = _mm512_fmadd_ps(_mm512_loadu_ps(x3 + i), w0, a30);
   }
+  float sums[4] = {
+      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a00, a01), _mm512_add_ps(a02, a03))),
+      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a10, a11), _mm512_add_ps(a12, a13))),
+      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a20, a21), _mm512_add_ps(a22, a23))),
+      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a30, a31), _mm512_add_ps(a32, a33)))};
   for (int r = 0; r < 4; ++r) {
-    float sum = _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
-    for (int64_t t = i; t < k; ++t) sum += x[r * stride + t] * w[t];
-    out[r * out_stride] = sum;
+    for (int64_t t = i; t < k; ++t) sums[r] += x[r * stride + t] * w[t];
+    out[r * out_stride] = sums[r];
   }
 #else
   for (int r = 0; r < 4; ++r) out[r * out_stride] = dot_f32(x + r * stride, w, k);
