@@ -103,7 +103,7 @@ def _settings(args):
 def _load(settings, quiet: bool = False):
     from .models import load_pair
 
-    progress = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    progress = (lambda message: None) if quiet else (lambda message: print(f"specchat: {message}", file=sys.stderr, flush=True))
     return load_pair(settings.model, progress=progress)
 
 
