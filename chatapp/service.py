@@ -49,8 +49,7 @@ class Turn:
                 yield TurnEvent(delta, tokens)
         finally:
             self.generation.close()
-            tail = self.decoder.flush() if hasattr(self.decoder, "flush") else ""
-            self.text += tail
+            self.text += self.decoder.flush()
             if self._tracker is not None:
                 self._tracker.record(self.generation.stats)
 
@@ -67,7 +66,7 @@ class Turn:
 
 
 class ChatService:
-    def __init__(self, pair: ModelPair, context_reserve: int = 0):
+    def __init__(self, pair: ModelPair):
         self.pair = pair
         self.tokenizer = pair.tokenizer
         self.stop_ids = stop_token_ids(pair.tokenizer)
