@@ -26,8 +26,6 @@ from .lm import ModelInfo, as_id_tensor
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 INT8 = "int8-weight-only"
-# Above this many rows (prefill) BLAS is faster than the few-row kernels.
-FEW_ROWS = 32
 
 
 def supports(config) -> bool:
@@ -53,19 +51,22 @@ NO_TENSOR = torch.empty(0)
 
 class Linear:
     """y = x @ W.T (+ b). Float weights, or int8 rows with one fp32 scale each
-    (weight-only quantization: activations stay fp32)."""
+    (weight-only quantization: activations stay fp32). With the CPU kernels
+    the weight is stored packed in 64-column panels (see cpu_kernels.cpp)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels, *, int8: bool = False):
+        self.out_features = weight.shape[0]
         if int8:
-            self.weight, self.scale = quantize_int8(weight)
+            weight, self.scale = quantize_int8(weight)
         else:
-            self.weight, self.scale = weight.contiguous(), NO_TENSOR
+            weight, self.scale = weight.contiguous(), NO_TENSOR
+        self.weight = kernels.pack_weight(weight) if kernels is not None else weight
         self.bias = bias
         self._kernels = kernels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernels is not None and x.shape[0] <= FEW_ROWS:
-            y = self._kernels.linear(x, self.weight, self.scale)
+        if self._kernels is not None:
+            y = self._kernels.linear(x.contiguous(), self.weight, self.scale, self.out_features)
         elif self.weight.dtype == torch.int8:
             y = F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
         else:
@@ -202,7 +203,7 @@ class LlamaDecoderLM:
         if start + n > cache.capacity:
             raise ValueError(f"forward past the cache: {start}+{n} > {cache.capacity}")
         x = self._embed(ids)
-        if self._kernels is not None and n <= FEW_ROWS:
+        if self._kernels is not None:
             return self._forward_fused(x, start, cache, logits)
         cos, sin = self.cos[start : start + n, None, :], self.sin[start : start + n, None, :]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -223,7 +224,7 @@ class LlamaDecoderLM:
         return self.lm_head(self._rms_norm(x, self.norm)).float()
 
     def _forward_fused(self, x: torch.Tensor, start: int, cache: StaticCache, logits: bool) -> torch.Tensor | None:
-        """Few rows on CPU: one kernel call per block, no per-op Python overhead."""
+        """CPU: one kernel call per block, no per-op Python overhead."""
         x = x.contiguous()
         for i, layer in enumerate(self.layers):
             self._kernels.block_forward(
@@ -234,7 +235,7 @@ class LlamaDecoderLM:
                 layer.gate_up.weight, layer.gate_up.scale,
                 layer.down.weight, layer.down.scale,
                 cache.keys[i], cache.values[i], self.cos, self.sin,
-                start, self.eps, self.heads, self.kv_heads,
+                start, self.eps, self.heads, self.kv_heads, layer.down.weight.shape[1],
             )  # fmt: skip
         if not logits:
             return None
@@ -254,8 +255,6 @@ class LlamaDecoderLM:
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
         n = q.shape[0]
-        if self._kernels is not None:
-            return self._kernels.attention(q, keys, values, start)
         end = start + n
         # [heads, n, d] against [kv_heads, end, d]; causal within the new rows.
         mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=start)

@@ -1,18 +1,20 @@
-// CPU kernels for small-batch decoding (1..32 query rows).
+// CPU kernels for decoding: linears, attention and one fused transformer block.
 //
 // Two jobs:
-//  * speed: decode is bound by reading weights, so each weight row is read
-//    once and applied to every query row while it sits in L1; int8 weights
-//    are widened to fp32 in registers (weight-only quantization keeps fp32
-//    activations, which is what keeps the draft close to the target).
-//  * batch invariance: each output element is reduced in an order that
-//    depends only on the reduction length, never on how many rows are in the
-//    batch. Verifying K+1 tokens therefore gives bit-identical logits to K+1
-//    one-token steps, and greedy speculative decoding equals greedy standard
-//    decoding exactly, not just up to rounding.
+//  * speed: decode is bound by reading weights. Weights are packed in panels
+//    of 64 output columns, [K][64] each, streamed once per call; every weight
+//    vector loaded is applied to up to four activation rows held in
+//    registers. int8 weights are widened to fp32 in registers (weight-only
+//    quantization keeps fp32 activations, which keeps the draft close to the
+//    target).
+//  * batch invariance: every output is one fma chain over k = 0..K-1 in
+//    order, whatever the number of rows. Verifying K+1 tokens therefore gives
+//    bit-identical logits to K+1 one-token steps, and greedy speculative
+//    decoding equals greedy standard decoding exactly, not up to rounding.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -22,7 +24,9 @@
 
 namespace {
 
-// Dot product of fp32 x with fp32 w, fixed reduction order.
+constexpr int64_t kPanel = 64;  // output columns per packed panel
+
+// Dot product with a fixed reduction order (attention scores, norms).
 inline float dot_f32(const float* x, const float* w, int64_t k) {
   int64_t i = 0;
   float sum = 0.f;
@@ -44,86 +48,60 @@ inline float dot_f32(const float* x, const float* w, int64_t k) {
   return sum;
 }
 
-// Dot product of fp32 x with int8 w (scale applied by the caller).
-inline float dot_i8(const float* x, const int8_t* w, int64_t k) {
-  int64_t i = 0;
-  float sum = 0.f;
 #if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; i + 64 <= k; i += 64) {
-    __m512i raw = _mm512_loadu_si512(reinterpret_cast<const void*>(w + i));
-    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(raw)));
-    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 1)));
-    __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 2)));
-    __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 3)));
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), w0, a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), w1, a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), w2, a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), w3, a3);
-  }
-  for (; i + 16 <= k; i += 16) {
-    __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i));
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), a0);
-  }
-  sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#endif
-  for (; i < k; ++i) sum += x[i] * static_cast<float>(w[i]);
-  return sum;
+inline void load_panel_row(const float* w, __m512& w0, __m512& w1, __m512& w2, __m512& w3) {
+  w0 = _mm512_loadu_ps(w);
+  w1 = _mm512_loadu_ps(w + 16);
+  w2 = _mm512_loadu_ps(w + 32);
+  w3 = _mm512_loadu_ps(w + 48);
 }
 
-// Four rows of x against one w row: w is loaded once for all four. Each
-// output follows exactly the accumulation order of dot_f32, so results are
-// bit-identical to four separate dot_f32 calls.
-inline void dot4_f32(const float* x, int64_t stride, const float* w, int64_t k, float* out, int64_t out_stride) {
-#if defined(__AVX512F__)
-  const float* x0 = x;
-  const float* x1 = x + stride;
-  const float* x2 = x + 2 * stride;
-  const float* x3 = x + 3 * stride;
-  __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-  __m512 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-  __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-  __m512 a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-  int64_t i = 0;
-  for (; i + 64 <= k; i += 64) {
-    const __m512 w0 = _mm512_loadu_ps(w + i), w1 = _mm512_loadu_ps(w + i + 16);
-    const __m512 w2 = _mm512_loadu_ps(w + i + 32), w3 = _mm512_loadu_ps(w + i + 48);
-#define SPECCHAT_ROW(r)                                                       \
-    a##r##0 = _mm512_fmadd_ps(_mm512_loadu_ps(x##r + i), w0, a##r##0);       \
-    a##r##1 = _mm512_fmadd_ps(_mm512_loadu_ps(x##r + i + 16), w1, a##r##1);  \
-    a##r##2 = _mm512_fmadd_ps(_mm512_loadu_ps(x##r + i + 32), w2, a##r##2);  \
-    a##r##3 = _mm512_fmadd_ps(_mm512_loadu_ps(x##r + i + 48), w3, a##r##3);
-    SPECCHAT_ROW(0) SPECCHAT_ROW(1) SPECCHAT_ROW(2) SPECCHAT_ROW(3)
-#undef SPECCHAT_ROW
+inline void load_panel_row(const int8_t* w, __m512& w0, __m512& w1, __m512& w2, __m512& w3) {
+  const __m512i raw = _mm512_loadu_si512(reinterpret_cast<const void*>(w));
+  w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(raw)));
+  w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 1)));
+  w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 2)));
+  w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 3)));
+}
+
+// ROWS activation rows (stride k) times one [k][64] panel -> out[ROWS][64].
+template <int ROWS, typename W>
+inline void panel_rows(const float* x, int64_t k, const W* panel, float* out) {
+  __m512 acc[ROWS][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    __m512 w0, w1, w2, w3;
+    load_panel_row(panel + i * kPanel, w0, w1, w2, w3);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * k + i]);
+      acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(xb, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(xb, w3, acc[r][3]);
+    }
   }
-  for (; i + 16 <= k; i += 16) {
-    const __m512 w0 = _mm512_loadu_ps(w + i);
-    a00 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + i), w0, a00);
-    a10 = _mm512_fmadd_ps(_mm512_loadu_ps(x1 + i), w0, a10);
-    a20 = _mm512_fmadd_ps(_mm512_loadu_ps(x2 + i), w0, a20);
-    a30 = _mm512_fmadd_ps(_mm512_loadu_ps(x3 + i), w0, a30);
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r) {
+    _mm512_storeu_ps(out + r * kPanel, acc[r][0]);
+    _mm512_storeu_ps(out + r * kPanel + 16, acc[r][1]);
+    _mm512_storeu_ps(out + r * kPanel + 32, acc[r][2]);
+    _mm512_storeu_ps(out + r * kPanel + 48, acc[r][3]);
   }
-  float sums[4] = {
-      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a00, a01), _mm512_add_ps(a02, a03))),
-      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a10, a11), _mm512_add_ps(a12, a13))),
-      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a20, a21), _mm512_add_ps(a22, a23))),
-      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a30, a31), _mm512_add_ps(a32, a33)))};
-  for (int r = 0; r < 4; ++r) {
-    for (int64_t t = i; t < k; ++t) sums[r] += x[r * stride + t] * w[t];
-    out[r * out_stride] = sums[r];
-  }
+}
 #else
-  for (int r = 0; r < 4; ++r) out[r * out_stride] = dot_f32(x + r * stride, w, k);
+template <int ROWS, typename W>
+inline void panel_rows(const float* x, int64_t k, const W* panel, float* out) {
+  for (int r = 0; r < ROWS; ++r) {
+    for (int c = 0; c < kPanel; ++c) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < k; ++i) acc = std::fma(x[r * k + i], static_cast<float>(panel[i * kPanel + c]), acc);
+      out[r * kPanel + c] = acc;
+    }
+  }
+}
 #endif
-}
-
-// All m rows of x against one w row, four at a time.
-inline void dot_rows_f32(const float* x, int64_t m, const float* w, int64_t k, float* out, int64_t out_stride) {
-  int64_t r = 0;
-  for (; r + 4 <= m; r += 4) dot4_f32(x + r * k, k, w, k, out + r * out_stride, out_stride);
-  for (; r < m; ++r) out[r * out_stride] = dot_f32(x + r * k, w, k);
-}
 
 void check_rows(const torch::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat,
@@ -131,62 +109,83 @@ void check_rows(const torch::Tensor& x, int64_t k) {
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
 }
 
-// Rows per parallel task: enough weight bytes per task to amortise the
-// scheduling, few enough that both cores get work on the small matrices.
-constexpr int64_t kGrain = 32;
-
 }  // namespace
 
-// ---- few-row linear ------------------------------------------------------
+// ---- packed linear ----------------------------------------------------------
 
-// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] (+ bias[n]); w is float32, or
-// int8 with one scale per row.
-void linear_into(const float* xp, int64_t m, const torch::Tensor& w, const torch::Tensor& scale,
-                 const float* bias, float* yp) {
+// A weight [n][k] (float32 or int8) packed as [ceil(n/64)][k][64], zero-padded.
+torch::Tensor pack_weight(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2, "weight must be 2-D");
   const int64_t n = w.size(0), k = w.size(1);
-  if (w.scalar_type() == torch::kFloat) {
-    const float* wp = w.data_ptr<float>();
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) dot_rows_f32(xp, m, wp + j * k, k, yp + j, n);
-    });
-  } else {
-    const int8_t* wp = w.data_ptr<int8_t>();
-    const float* sp = scale.data_ptr<float>();
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(m > 1 ? k : 0);
-      for (int64_t j = begin; j < end; ++j) {
-        const int8_t* wr = wp + j * k;
-        if (m == 1) {
-          yp[j] = dot_i8(xp, wr, k) * sp[j];
-          continue;
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  auto padded = torch::zeros({panels * kPanel, k}, w.options());
+  padded.narrow(0, 0, n).copy_(w);
+  return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
+}
+
+// y[m, j] = scale[j] * sum_i x[m, i] * w[j, i] (+ bias[j]) for a packed w of n
+// real outputs. Parallel over panels; rows four at a time within a panel.
+template <typename W>
+void packed_linear(const float* xp, int64_t m, const W* wp, int64_t panels, int64_t k, int64_t n,
+                   const float* scale, const float* bias, float* yp) {
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    float out[4 * kPanel];
+    for (int64_t p = begin; p < end; ++p) {
+      const W* panel = wp + p * k * kPanel;
+      const int64_t col0 = p * kPanel, cols = std::min(kPanel, n - col0);
+      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, m - r0);
+        const float* xr = xp + r0 * k;
+        switch (rows) {
+          case 4: panel_rows<4>(xr, k, panel, out); break;
+          case 3: panel_rows<3>(xr, k, panel, out); break;
+          case 2: panel_rows<2>(xr, k, panel, out); break;
+          default: panel_rows<1>(xr, k, panel, out); break;
         }
-        // Several rows: widen once, then the same fp32 dot (identical sums).
-        for (int64_t c = 0; c < k; ++c) row[c] = static_cast<float>(wr[c]);
-        dot_rows_f32(xp, m, row.data(), k, yp + j, n);
-        for (int64_t r = 0; r < m; ++r) yp[r * n + j] *= sp[j];
+        for (int64_t r = 0; r < rows; ++r) {
+          float* yr = yp + (r0 + r) * n + col0;
+          for (int64_t c = 0; c < cols; ++c) {
+            float v = out[r * kPanel + c];
+            if (scale != nullptr) v *= scale[col0 + c];
+            if (bias != nullptr) v += bias[col0 + c];
+            yr[c] = v;
+          }
+        }
       }
-    });
-  }
-  if (bias != nullptr) {
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t j = 0; j < n; ++j) yp[r * n + j] += bias[j];
+    }
+  });
+}
+
+struct Weight {
+  const torch::Tensor& packed;  // [panels][k][64], float32 or int8
+  const torch::Tensor& scale;   // [n] float32 for int8, else empty
+  int64_t n;                    // real output count
+};
+
+void linear_into(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
+  const int64_t panels = w.packed.size(0), k = w.packed.size(1);
+  if (w.packed.scalar_type() == torch::kFloat) {
+    packed_linear(xp, m, w.packed.data_ptr<float>(), panels, k, w.n, nullptr, bias, yp);
+  } else {
+    packed_linear(xp, m, w.packed.data_ptr<int8_t>(), panels, k, w.n, w.scale.data_ptr<float>(), bias, yp);
   }
 }
 
-void check_weight(const torch::Tensor& w, const torch::Tensor& scale) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous 2-D tensor");
+void check_weight(const torch::Tensor& w, const torch::Tensor& scale, int64_t n) {
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == kPanel && w.is_contiguous(), "weight must be packed by pack_weight");
+  TORCH_CHECK(w.size(0) * kPanel >= n && n > (w.size(0) - 1) * kPanel, "output count does not match the packing");
   TORCH_CHECK(w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kChar, "weight must be float32 or int8");
   if (w.scalar_type() == torch::kChar) {
-    TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == torch::kFloat && scale.numel() == w.size(0),
-                "int8 weight needs a float32 scale per output row");
+    TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == torch::kFloat && scale.numel() == n,
+                "int8 weight needs a float32 scale per output");
   }
 }
 
-torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  check_weight(w, scale);
-  check_rows(x, w.size(1));
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
-  linear_into(x.data_ptr<float>(), x.size(0), w, scale, nullptr, y.data_ptr<float>());
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t n) {
+  check_weight(packed, scale, n);
+  check_rows(x, packed.size(1));
+  auto y = torch::empty({x.size(0), n}, x.options());
+  linear_into(x.data_ptr<float>(), x.size(0), Weight{packed, scale, n}, nullptr, y.data_ptr<float>());
   return y;
 }
 
@@ -278,17 +277,17 @@ void block_forward(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv_w
                    torch::Tensor qkv_b, torch::Tensor o_w, torch::Tensor o_s, torch::Tensor mlp_norm,
                    torch::Tensor gu_w, torch::Tensor gu_s, torch::Tensor down_w, torch::Tensor down_s,
                    torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor cos, torch::Tensor sin,
-                   int64_t start, double eps, int64_t heads, int64_t kv_heads) {
+                   int64_t start, double eps, int64_t heads, int64_t kv_heads, int64_t inter) {
   const int64_t n = x.size(0), hidden = x.size(1);
   check_rows(x, hidden);
-  check_weight(qkv_w, qkv_s);
-  check_weight(o_w, o_s);
-  check_weight(gu_w, gu_s);
-  check_weight(down_w, down_s);
   const int64_t d = k_cache.size(2), capacity = k_cache.size(1);
   const int64_t q_size = heads * d, kv_size = kv_heads * d, qkv_size = q_size + 2 * kv_size;
-  const int64_t inter = gu_w.size(0) / 2;
-  TORCH_CHECK(qkv_w.size(0) == qkv_size, "qkv weight has the wrong shape");
+  check_weight(qkv_w, qkv_s, qkv_size);
+  check_weight(o_w, o_s, hidden);
+  check_weight(gu_w, gu_s, 2 * inter);
+  check_weight(down_w, down_s, hidden);
+  TORCH_CHECK(qkv_w.size(1) == hidden && o_w.size(1) == q_size && gu_w.size(1) == hidden && down_w.size(1) == inter,
+              "block weights do not match the hidden size");
   TORCH_CHECK(start + n <= capacity, "forward past the cache capacity");
   float* xp = x.data_ptr<float>();
 
@@ -296,7 +295,8 @@ void block_forward(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv_w
   std::vector<float> proj(n * hidden), gu(n * 2 * inter), act(n * inter);
 
   rms_norm_into(xp, n, hidden, attn_norm.data_ptr<float>(), static_cast<float>(eps), h.data());
-  linear_into(h.data(), n, qkv_w, qkv_s, qkv_b.numel() ? qkv_b.data_ptr<float>() : nullptr, qkv.data());
+  linear_into(h.data(), n, Weight{qkv_w, qkv_s, qkv_size}, qkv_b.numel() ? qkv_b.data_ptr<float>() : nullptr,
+              qkv.data());
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   rope_inplace(qkv.data(), n, heads, d, qkv_size, cp, sp, start);
@@ -313,17 +313,17 @@ void block_forward(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv_w
     }
   }
   attention_into(q.data(), n, heads, d, k_cache, v_cache, start, attn.data());
-  linear_into(attn.data(), n, o_w, o_s, nullptr, proj.data());
+  linear_into(attn.data(), n, Weight{o_w, o_s, hidden}, nullptr, proj.data());
   for (int64_t i = 0; i < n * hidden; ++i) xp[i] += proj[i];
 
   rms_norm_into(xp, n, hidden, mlp_norm.data_ptr<float>(), static_cast<float>(eps), h.data());
-  linear_into(h.data(), n, gu_w, gu_s, nullptr, gu.data());
+  linear_into(h.data(), n, Weight{gu_w, gu_s, 2 * inter}, nullptr, gu.data());
   for (int64_t r = 0; r < n; ++r) {
     const float* g = gu.data() + r * 2 * inter;
     const float* u = g + inter;
     for (int64_t c = 0; c < inter; ++c) act[r * inter + c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
   }
-  linear_into(act.data(), n, down_w, down_s, nullptr, proj.data());
+  linear_into(act.data(), n, Weight{down_w, down_s, hidden}, nullptr, proj.data());
   for (int64_t i = 0; i < n * hidden; ++i) xp[i] += proj[i];
 }
 
@@ -336,7 +336,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "batch-invariant few-row linear, float32 or int8 weights");
+  m.def("pack_weight", &pack_weight, "pack a [n][k] weight into [n/64][k][64] panels");
+  m.def("linear", &linear, "batch-invariant linear on a packed float32 or int8 weight");
   m.def("attention", &attention, "batch-invariant causal attention for few new queries");
   m.def("rms_norm", &rms_norm, "row-wise RMSNorm");
   m.def("block_forward", &block_forward, "one Llama block for few rows, in place");
