@@ -1,0 +1,166 @@
+"""A scripted stand-in for `chatapp.service.ChatService`, for the UI tests.
+
+Same interface as the real service (start_turn -> a Turn-like object that
+yields TurnEvents, with .stats/.tokens/.notice/.k_choice/.text/.stop();
+tokenizer.decode; pair.target.info etc.; baseline; tracker; context) but no
+model: the reply is a fixed word sequence that echoes the user's message, cut
+into rounds with a repeating accept pattern, so every token source appears.
+Timings are simulated, so tokens/s and speedups are deterministic; `delay`
+adds real sleep per round (to test Stop).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from types import SimpleNamespace
+
+from chatapp.chat import EmptyPromptError, PromptTooLongError
+from chatapp.engine import Token
+from chatapp.lm import ModelInfo
+from chatapp.service import TurnEvent
+from chatapp.stats import AcceptanceTracker, Baseline, TurnStats
+
+EOS = 0
+REPLY = (
+    "Speculative decoding lets a small **draft** propose tokens that the target verifies in one pass.\n\n"
+    "```python\nprint('same output, fewer target steps')\n```\n\nThat is all."
+)
+ACCEPT_PATTERN = (99, 1, 0, 3, 99, 2)  # accepted drafts per round, capped at K (99 = all)
+STANDARD_STEP_S, DRAFT_STEP_S, VERIFY_STEP_S, PREFILL_S = 0.02, 0.004, 0.022, 0.01
+
+
+class FakeTokenizer:
+    """Word-level: each distinct piece of text gets an id; 0 is the end of turn."""
+
+    def __init__(self):
+        self.pieces = ["<|im_end|>"]
+        self.ids = {"<|im_end|>": EOS}
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for piece in re.findall(r"\s*\S+|\s+", text):
+            if piece not in self.ids:
+                self.ids[piece] = len(self.pieces)
+                self.pieces.append(piece)
+            out.append(self.ids[piece])
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i == EOS))
+
+
+class FakeTurn:
+    def __init__(self, service, tokens: list[int], mode: str, k: int, k_choice: str, max_new: int, notice, prompt_len):
+        self.service, self.notice, self.k_choice = service, notice, k_choice
+        self._ids, self._k, self._max = tokens, k, max_new
+        self.text = ""
+        self.tokens: list[Token] = []
+        self._stop = False
+        b = service.baseline
+        self.stats = TurnStats(
+            mode=mode, k=k if mode == "speculative" else 0, prompt_tokens=prompt_len,
+            baseline_tokens_per_s=b.tokens_per_s, baseline_source=b.source,
+            int8_path="int8 weight-only per-channel (fake)" if mode == "speculative" else "",
+            source_counts={s: 0 for s in ("draft", "target", "bonus", "standard")},
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _round(self, i: int) -> list[Token]:
+        pos = len(self.tokens)
+        if self.stats.mode == "standard":
+            return [Token(self._ids[pos], "standard")]
+        k = min(self._k, max(1, self._max - pos - 1))
+        accepted = min(ACCEPT_PATTERN[i % len(ACCEPT_PATTERN)], k, len(self._ids) - pos)
+        out = [Token(t, "draft") for t in self._ids[pos : pos + accepted]]
+        if pos + accepted < len(self._ids):
+            out.append(Token(self._ids[pos + accepted], "bonus" if accepted == k else "target"))
+        s = self.stats
+        s.rounds, s.drafted, s.accepted = s.rounds + 1, s.drafted + k, s.accepted + accepted
+        s.draft_forwards, s.draft_s = s.draft_forwards + k, s.draft_s + k * DRAFT_STEP_S
+        return out
+
+    def __iter__(self):
+        s = self.stats
+        s.wall_s = s.prefill_s = PREFILL_S
+        try:
+            for i in range(10**6):
+                if len(self.tokens) >= min(self._max, len(self._ids)) or self._stop:
+                    s.stop_reason = "stopped" if self._stop else "max_new_tokens"
+                    break
+                if self.service.delay:
+                    time.sleep(self.service.delay)
+                emitted = self._round(i)[: self._max - len(self.tokens)]
+                step = STANDARD_STEP_S if s.mode == "standard" else VERIFY_STEP_S
+                s.target_forwards, s.target_s = s.target_forwards + 1, s.target_s + step
+                s.wall_s = s.prefill_s + s.draft_s + s.target_s  # simulated time: deterministic rates
+                self.tokens += emitted
+                s.new_tokens = len(self.tokens)
+                for t in emitted:
+                    s.source_counts[t.source] += 1
+                delta = self.service.tokenizer.decode([t.id for t in emitted], skip_special_tokens=True)
+                self.text += delta
+                yield TurnEvent(delta, emitted)
+                if emitted and emitted[-1].id == EOS:
+                    s.stop_reason = "eos"
+                    break
+        finally:
+            if not s.stop_reason:
+                s.stop_reason = "stopped"
+            self.service.tracker.record(s)
+            if s.mode == "standard" and s.stop_reason in ("eos", "max_new_tokens") and s.new_tokens >= 8:
+                self.service.baseline.record(s.tokens_per_s, "standard-mode turns")
+            self.service.turns.append(self)
+
+
+class FakeService:
+    """ChatService's interface over a script. `max_message_chars` / `context_chars`
+    play the context limits: a longer message fails, a longer history drops old turns."""
+
+    def __init__(self, delay: float = 0.0, max_message_chars: int = 2000, context_chars: int = 4000):
+        self.delay, self.max_message_chars, self.context_chars = delay, max_message_chars, context_chars
+        self.tokenizer = FakeTokenizer()
+        self.baseline = Baseline()
+        self.baseline.record(1 / STANDARD_STEP_S, "calibration at load (fake)")
+        self.tracker = AcceptanceTracker()
+        self.turns: list[FakeTurn] = []
+        self.histories: list[list[dict]] = []  # what each start_turn was given
+        self.context = 2048
+        info = dict(device="cpu", parameters=134_515_008, implementation="fake (scripted)")
+        self.pair = SimpleNamespace(
+            target=SimpleNamespace(info=ModelInfo("FakeLM-135M", "embedded:fake", "float32", "none", weight_bytes=538_060_032, **info)),
+            draft=SimpleNamespace(info=ModelInfo("FakeLM-135M", "embedded:fake", "int8 weights, float32 activations",
+                                                 "int8 weight-only per-channel (fake)", weight_bytes=162_000_000, **info)),
+            tokenizer=self.tokenizer, compatibility="compatible: the draft is a quantized copy of the target", load_s=0.25,
+        )  # fmt: skip
+
+    @property
+    def last(self) -> FakeTurn:
+        return self.turns[-1]
+
+    def start_turn(self, history: list[dict], decoding, system: str | None = None) -> FakeTurn:
+        self.histories.append([dict(m) for m in history])
+        if not history or history[-1]["role"] != "user":
+            raise ValueError("the chat history must end with a user message")
+        message = history[-1]["content"]
+        if not message.strip():
+            raise EmptyPromptError("the message is empty")
+        if len(message) > self.max_message_chars:
+            raise PromptTooLongError(
+                f"the message is too long: {len(message)} characters, but the context leaves room for {self.max_message_chars}"
+            )
+        earlier, dropped = list(history[:-1]), 0
+        while earlier and sum(len(m["content"]) for m in earlier) + len(message) > self.context_chars:
+            earlier = earlier[2:] if len(earlier) > 1 else []
+            dropped += 1
+        notice = f"{dropped} earlier turn(s) dropped to fit the context" if dropped else None
+        words = REPLY if decoding.temperature == 0 else f"(seed {decoding.seed}) {REPLY}"
+        ids = self.tokenizer.encode(f"You said: {message.strip()[:60]}. {words}") + [EOS]
+        k, k_choice = decoding.k, "fixed"
+        if decoding.auto_k and decoding.mode == "speculative":
+            k = self.tracker.choose_k()
+            k_choice = f"auto (a={self.tracker.acceptance_rate:.2f}, c={self.tracker.cost_ratio:.2f})"
+        prompt_len = sum(len(m["content"].split()) for m in earlier) + len(message.split())
+        return FakeTurn(self, ids, decoding.mode, k, k_choice, decoding.max_new_tokens, notice, prompt_len)

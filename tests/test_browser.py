@@ -1,0 +1,113 @@
+"""The UI in headless Chromium (Debian's package; `make test` installs it):
+send a message, see the streamed reply, its stats and the token view, survive
+a reload. Saves artifacts/browser-chat.png, and docs/screenshot.png when
+SPECCHAT_UPDATE_SCREENSHOT=1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from chatapp import ui
+from chatapp.settings import DEFAULT_SETTINGS_PATH, load_settings
+from fake_engine import FakeService
+
+pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+TIMEOUT_MS = 30_000
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not installed (`make test` installs Debian's package: apt-get install chromium)")
+    return path
+
+
+@pytest.fixture
+def page():
+    executable = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    service = FakeService(delay=0.03)
+    demo = ui.build_app(service, load_settings(DEFAULT_SETTINGS_PATH, env={}))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _, url, _ = ui.launch_app(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(url)
+                yield page
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+
+
+def _wait_text(page, selector: str, text: str, absent: str | None = None) -> None:
+    """Wait until `selector` exists and shows `text` (and not `absent`)."""
+    page.wait_for_function(
+        "([sel, text, absent]) => { const el = document.querySelector(sel); const t = el ? el.innerText : '';"
+        " return t.includes(text) && !(absent && t.includes(absent)); }",
+        arg=[selector, text, absent],
+    )
+
+
+def _reply_done(page) -> None:
+    _wait_text(page, "#turn-stats", "acceptance", absent="generating")
+
+
+def test_chat_in_the_browser(page):
+    box = page.locator("#chat-input textarea")
+    box.fill("How does speculative decoding work?")
+    page.locator("#send-btn").click()
+    _reply_done(page)
+    box.fill("And why is the output identical to the target's?")
+    box.press("Enter")
+    _wait_text(page, "#chatbot", "identical to the target")
+    _reply_done(page)
+
+    chat = page.locator("#chatbot")
+    assert "fewer target steps" in chat.inner_text()  # the code block of the (fake) reply rendered
+    assert chat.locator("pre code").count() >= 1  # Markdown code blocks render as code
+    stats = page.locator("#turn-stats")
+    assert stats.is_visible()
+    text = stats.inner_text()
+    for part in ("speculative", "K = 4 (fixed)", "acceptance", "accepted/round", "tok/s", "vs standard decoding",
+                 "baseline:", "draft INT8 path:"):  # fmt: skip
+        assert part in text, (part, text)
+    tokens = page.locator("#token-view")
+    assert tokens.is_visible()
+    assert "Speculative" in tokens.inner_text() and "draft" in tokens.inner_text()
+    assert box.input_value() == ""
+
+    out = ROOT / "artifacts" / "browser-chat.png"
+    out.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(out), full_page=True)
+    if os.environ.get("SPECCHAT_UPDATE_SCREENSHOT") == "1":
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(out, ROOT / "docs" / "screenshot.png")
+
+    # The Stats tab draws its plots when opened.
+    page.get_by_role("tab", name="Stats").click()
+    page.locator("#theory-plot img").wait_for(state="visible")
+    page.locator("#turn-plot img").wait_for(state="visible")
+    _wait_text(page, "#turns-table", "speculative")
+
+    # The chat is kept in the browser: a reload brings it back.
+    page.reload()
+    _wait_text(page, "#chatbot", "identical to the target")
+    _wait_text(page, "#turn-stats", "acceptance")

@@ -1,0 +1,331 @@
+"""The Gradio UI, driven through gradio_client against a scripted fake service
+(tests/fake_engine.py); one slow test runs the real embedded model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from gradio_client import Client
+
+from chatapp import ui
+from chatapp.settings import DEFAULT_SETTINGS_PATH, SettingsError, load_settings
+from fake_engine import FakeService, FakeTurn
+
+# Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+
+SETTINGS = load_settings(DEFAULT_SETTINGS_PATH, env={})  # the shipped defaults, whatever the environment says
+EMPTY = {"messages": []}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(service_or_factory):
+    demo = ui.build_app(service_or_factory, SETTINGS)
+    _, url, _ = ui.launch_app(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    return demo, Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    return FakeService()
+
+
+@pytest.fixture(scope="module")
+def served(fake):
+    demo, client = launch(fake)
+    yield demo, client
+    client.close()
+    demo.close()
+
+
+@pytest.fixture
+def client(served, fake):
+    fake.delay = 0.0
+    return served[1]
+
+
+def chat(client, message, state=None, api="/chat", **settings):
+    args = {"message": message} if api == "/chat" else {}
+    job = client.submit(chat_state=state or EMPTY, api_name=api, **args, **settings)
+    final = dict(zip(ui.CHAT_OUTPUTS, job.result(timeout=30)))
+    return final, [dict(zip(ui.CHAT_OUTPUTS, out)) for out in job.outputs()]
+
+
+def texts(chatbot) -> list[str]:
+    return ["".join(block.get("text", "") for block in m["content"]) for m in chatbot]
+
+
+# --- chat ---------------------------------------------------------------------------
+
+
+def test_streams_a_reply_with_stats_that_match_the_engine(client, fake):
+    out, updates = chat(client, "Hello there")
+    turn, s = fake.last, fake.last.stats
+    streamed = [u["chatbot"][-1] for u in updates[:-1] if isinstance(u["chatbot"], list) and u["chatbot"]]
+    assert len(streamed) >= 3, "the reply should arrive as several partial updates"
+    assert len({texts([m])[0] for m in streamed}) >= 3, "the partial updates should grow"
+
+    assert out["message"] == {"__type__": "update"} and updates[0]["message"] == ""  # the box was emptied
+    assert out["state"]["messages"][0] == {"role": "user", "content": "Hello there"}
+    reply = out["state"]["messages"][1]
+    assert reply["content"] == turn.text and reply["stats"]["acceptance_rate"] == pytest.approx(s.acceptance_rate)
+    assert turn.text in texts(out["chatbot"])
+
+    line = out["stats"]
+    assert "speculative" in line and "K = 4 (fixed)" in line
+    assert f"acceptance **{s.acceptance_rate:.1%}**" in line
+    assert f"{s.mean_accepted_per_round:.2f} accepted/round" in line
+    assert f"{s.tokens_per_s:.1f} tok/s" in line
+    assert f"{s.speedup:.2f}×" in line and f"({s.baseline_tokens_per_s:.1f} tok/s)" in line
+    assert s.baseline_source in line and s.int8_path in line
+    # The same stats sit under the reply in the chat, as a collapsed aside.
+    aside = out["chatbot"][-1]
+    assert (
+        aside["metadata"]["title"].startswith("⚡ speculative · K=4")
+        and f"{s.acceptance_rate:.1%}" in aside["metadata"]["title"]
+    )
+
+    view = [(t["token"], t["class_or_confidence"]) for t in out["tokens"]]
+    assert view == [(fake.tokenizer.decode([t.id]), t.source) for t in turn.tokens]
+    assert {"draft", "target", "bonus"} <= {c for _, c in view} <= {"draft", "target", "bonus"}
+
+    table = out["turns_table"]
+    assert table["data"][-1][:6] == [1, "speculative", "4", "fixed", s.new_tokens, f"{s.acceptance_rate:.1%}"]
+    assert "c = " in out["summary"]
+
+
+def test_stats_tab_plots_the_conversation(client, fake):
+    first, _ = chat(client, "one")
+    second, _ = chat(client, "two", first["state"], mode="standard")
+    stats = dict(zip(ui.STATS_OUTPUTS, client.predict(chat_state=second["state"], k=4, api_name="/stats")))
+    assert stats["turn_plot"]["type"] == stats["theory_plot"]["type"] == "matplotlib"
+    assert stats["turn_plot"]["plot"].startswith("data:image/")
+    assert [row[1] for row in stats["turns_table"]["data"]] == ["speculative", "standard"]
+    assert f"c = {fake.tracker.cost_ratio:.3f}" in stats["summary"]
+    empty = dict(zip(ui.STATS_OUTPUTS, client.predict(chat_state=EMPTY, k=4, api_name="/stats")))
+    assert empty["turns_table"]["data"] == [] and "0 replies" in empty["summary"]
+
+
+def test_history_goes_to_the_service_and_the_system_prompt_is_applied(client, fake):
+    first, _ = chat(client, "one")
+    out, _ = chat(client, "two", first["state"], system_prompt="Be brief.")
+    assert [m["content"] for m in fake.histories[-1]] == ["one", fake.turns[-2].text, "two"]
+    assert all(set(m) == {"role", "content"} for m in fake.histories[-1])
+    assert [m["role"] for m in out["state"]["messages"]] == ["user", "assistant"] * 2
+
+
+def test_standard_mode_gives_standard_stats(client, fake):
+    out, _ = chat(client, "plain please", mode="standard")
+    s = fake.last.stats
+    assert s.mode == "standard" and fake.last.tokens
+    assert "**standard**" in out["stats"] and "acceptance n/a" in out["stats"] and "draft: not used" in out["stats"]
+    assert f"{s.tokens_per_s:.1f} tok/s" in out["stats"]
+    assert {t["class_or_confidence"] for t in out["tokens"]} == {"standard"}
+    assert out["state"]["messages"][-1]["stats"]["k"] is None
+
+
+def test_auto_k_says_how_k_was_chosen(client, fake):
+    out, _ = chat(client, "auto", auto_k=True, k=16)
+    assert fake.last.k_choice.startswith("auto (")
+    assert f"K = {fake.last.stats.k} (auto: a=" in out["stats"]
+
+
+def test_stop_ends_the_reply_within_a_round_and_the_next_one_works(client, fake):
+    fake.delay = 0.05  # ~30 rounds in standard mode: 1.5 s
+    job = client.submit(message="long one", chat_state=EMPTY, mode="standard", api_name="/chat")
+    deadline = time.monotonic() + 15
+    while len(job.outputs()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "Stopping" in client.predict(api_name="/stop")
+    out = dict(zip(ui.CHAT_OUTPUTS, job.result(timeout=15)))
+    turn = fake.last
+    assert turn.stats.stop_reason == "stopped" and 0 < turn.stats.new_tokens < len(turn._ids)
+    assert out["state"]["messages"][-1]["content"] == turn.text and "Stopped" in out["notice"]
+
+    fake.delay = 0.0
+    assert client.predict(api_name="/stop") == "Nothing is being generated."
+    again, _ = chat(client, "and now?")
+    assert fake.last.stats.stop_reason == "eos" and again["state"]["messages"][-1]["content"] == fake.last.text
+
+
+def test_regenerate_replaces_the_last_reply_and_clear_forgets(client, fake):
+    first, _ = chat(client, "tell me", temperature=0.0)
+    out, _ = chat(client, None, first["state"], api="/regenerate", temperature=0.8, seed=7)
+    assert fake.histories[-1] == [{"role": "user", "content": "tell me"}]
+    messages = out["state"]["messages"]
+    assert len(messages) == 2 and messages[-1]["content"] == fake.last.text != first["state"]["messages"][-1]["content"]
+
+    cleared = dict(zip(ui.CHAT_OUTPUTS, client.predict(api_name="/clear")))
+    assert cleared["state"] == EMPTY and cleared["chatbot"] == [] and cleared["tokens"] == []
+    nothing, _ = chat(client, None, EMPTY, api="/regenerate")
+    assert "nothing to regenerate" in nothing["notice"]
+
+
+def test_restore_rebuilds_the_chat_from_browser_state(client):
+    first, _ = chat(client, "remember me")
+    restored = dict(zip(ui.CHAT_OUTPUTS, client.predict(chat_state=first["state"], api_name="/restore")))
+    assert texts(restored["chatbot"])[:2] == ["remember me", first["state"]["messages"][1]["content"]]
+    assert restored["stats"] == first["stats"]
+    junk = dict(zip(ui.CHAT_OUTPUTS, client.predict(chat_state={"messages": [{"role": "x"}, 3]}, api_name="/restore")))
+    assert junk["chatbot"] == [] and junk["state"] == EMPTY
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def test_empty_message_is_a_one_line_error(client, fake):
+    before = len(fake.turns)
+    out, _ = chat(client, "   ")
+    assert "empty" in out["notice"] and "\n" not in out["notice"]
+    assert out["state"] == {"__type__": "update"} and len(fake.turns) == before
+    ok, _ = chat(client, "fine")
+    assert ok["state"]["messages"][-1]["content"] == fake.last.text
+
+
+def test_too_long_message_keeps_the_text_and_the_app(client, fake):
+    text = "word " * 600  # over the fake's 2000-character limit
+    out, _ = chat(client, text)
+    assert "Not sent" in out["notice"] and "too long" in out["notice"] and "\n" not in out["notice"]
+    assert out["message"] == text  # the user's text stays in the box
+    assert out["state"] == {"__type__": "update"}
+    ok, _ = chat(client, "shorter")
+    assert ok["state"]["messages"][-1]["content"] == fake.last.text
+
+
+def test_old_turns_dropped_with_a_visible_notice(client):
+    long = "blah " * 300
+    state = {
+        "messages": [
+            m for i in range(3) for m in ({"role": "user", "content": long}, {"role": "assistant", "content": long})
+        ]
+    }
+    out, _ = chat(client, "latest", state)
+    assert "dropped to fit the context" in out["notice"]
+    titles = [m["metadata"]["title"] for m in out["chatbot"] if m.get("metadata")]
+    assert any("earlier turn(s) dropped" in t for t in titles)
+    assert out["state"]["messages"][-1]["stats"]["notice"].endswith("dropped to fit the context")
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(SettingsError, match=r"decoding\.top_p = 0\.0 is out of range"):
+        ui.decoding_settings(SETTINGS, "speculative", 4, False, 0.0, 0.0, 0, 10, 0, "")
+    d = ui.decoding_settings(SETTINGS, "standard", 7.0, True, 0.5, 0.9, 40.0, 12.0, 3.0, "sys")
+    assert (d.mode, d.k, d.auto_k, d.temperature, d.top_p, d.top_k, d.max_new_tokens, d.seed, d.system_prompt) == (
+        "standard", 7, True, 0.5, 0.9, 40, 12, 3, "sys",
+    )  # fmt: skip
+    assert type(d.k) is int and type(d.seed) is int
+
+
+# --- compare, model, serving ---------------------------------------------------------------
+
+
+def test_compare_runs_both_fairly_and_alternates_the_order(client, fake):
+    job = client.submit(prompt="Compare me", max_new_tokens=64, api_name="/compare")
+    std, spec, table, verdict = job.result(timeout=30)
+    a, b = fake.turns[-2:]
+    assert {a.stats.mode, b.stats.mode} == {"standard", "speculative"}
+    assert fake.histories[-1] == fake.histories[-2] == [{"role": "user", "content": "Compare me"}]
+    assert std == spec == a.text == b.text and std
+    assert "Identical" in verdict and "standard first" in verdict
+    rows = {r[0]: r for r in table["data"]}
+    assert table["headers"] == ["decoding", "ran", "tokens", "wall time (s)", "tokens/s", "acceptance rate", "speedup"]
+    std_s, spec_s = (a.stats, b.stats) if a.stats.mode == "standard" else (b.stats, a.stats)
+    assert rows["standard"][1:3] == ["1st", std_s.new_tokens] and rows["speculative"][1] == "2nd"
+    assert rows["speculative"][5] == f"{spec_s.acceptance_rate:.1%}"
+    assert rows["speculative"][6] == f"{spec_s.tokens_per_s / std_s.tokens_per_s:.2f}×"
+    partial = [dict(zip(ui.COMPARE_OUTPUTS, o)) for o in job.outputs()[:-1]]
+    assert any(isinstance(p["standard"], str) and p["standard"].endswith(ui.CURSOR) for p in partial)
+    assert any(isinstance(p["speculative"], str) and p["speculative"].endswith(ui.CURSOR) for p in partial)
+
+    _, _, table2, verdict2 = client.predict(prompt="Compare me", max_new_tokens=64, api_name="/compare")
+    assert "speculative first" in verdict2 and {r[0]: r[1] for r in table2["data"]}["speculative"] == "1st"
+
+
+def test_model_info(client):
+    text = client.predict(api_name="/model_info")
+    for expected in ("FakeLM-135M", "int8 weight-only per-channel (fake)", "538.1 MB", "162.0 MB", "134.5 M",
+                     "float32", "fake (scripted)", "compatible: the draft is a quantized copy", "Load time:** 0.2 s"):  # fmt: skip
+        assert expected in text
+
+
+def test_generation_shares_one_queue_slot(served):
+    demo = served[0]
+    gen = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in ("chat", "regenerate", "compare")}
+    assert set(gen) == {"chat", "regenerate", "compare"}
+    assert {(fn.concurrency_id, fn.concurrency_limit, fn.queue) for fn in gen.values()} == {(ui.GENERATION, 1, True)}
+    assert demo.server_name == "127.0.0.1"
+
+
+def test_loading_progress_and_load_errors_show_in_the_ui():
+    from chatapp.models import ModelLoadError
+
+    release = threading.Event()
+
+    def factory(progress):
+        progress("fetching the weights")
+        release.wait(10)
+        raise ModelLoadError("model 'nope/missing' was not found on the Hugging Face hub")
+
+    demo, client = launch(factory)
+    try:
+        assert "fetching the weights" in client.predict(api_name="/model_info")
+        out, _ = chat(client, "hi")
+        assert "still loading" in out["notice"] and out["message"] == "hi"
+        release.set()
+        assert demo.specchat_handle.wait(10) == "error"
+        text = client.predict(api_name="/model_info")
+        assert "could not be loaded" in text and "nope/missing" in text and "Traceback" not in text
+        out, _ = chat(client, "hi")
+        assert "failed to load: model 'nope/missing' was not found" in out["notice"]
+        _, _, _, verdict = client.predict(prompt="x", api_name="/compare")
+        assert "failed to load" in verdict
+    finally:
+        release.set()
+        client.close()
+        demo.close()
+
+
+def test_engine_failure_mid_reply_is_one_line(client, fake, monkeypatch):
+    def broken(self, i):
+        if i == 2:
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+        return original(self, i)
+
+    original = FakeTurn._round
+    monkeypatch.setattr(FakeTurn, "_round", broken)
+    out, _ = chat(client, "break please")
+    assert "generation failed: CUDA out of memory. Tried to allocate 2 GiB" in out["notice"]
+    assert out["state"]["messages"][-1]["content"] == fake.last.text  # what came before the failure is kept
+
+
+# --- the real model ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_model_speculative_equals_standard_at_t0():
+    from chatapp.models import load_pair
+    from chatapp.service import ChatService
+
+    service = ChatService(load_pair(load_settings().model, progress=lambda message: None))
+    demo, client = launch(service)
+    try:
+        greedy = dict(temperature=0.0, max_new_tokens=24, k=4, seed=0)
+        std, spec, table, verdict = client.predict(prompt="Name three primary colors.", api_name="/compare", **greedy)
+        assert std.strip() and std == spec, (std, spec)
+        assert "Identical" in verdict, verdict
+        assert {r[0] for r in table["data"]} == {"standard", "speculative"}
+        a, _ = chat(client, "Name three primary colors.", mode="standard", **greedy)
+        b, _ = chat(client, "Name three primary colors.", mode="speculative", **greedy)
+        assert a["state"]["messages"][-1]["content"] == b["state"]["messages"][-1]["content"] == std
+        assert "acceptance **" in b["stats"] and "int8" in b["stats"].lower()
+    finally:
+        client.close()
+        demo.close()
