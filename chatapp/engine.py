@@ -146,10 +146,13 @@ class Generation:
         self._stop_requested = True
 
     def close(self) -> None:
+        """End the generation now; nothing more is generated after this."""
+        self._stop_requested = True
         if self._iterator is not None:
-            self._iterator.close()
-        elif not self.stats.stop_reason:
+            self._iterator.close()  # a started run frees its caches in its finally
+        if not self.stats.stop_reason:
             self.stats.stop_reason = "stopped"
+        self._iterator = iter(())
 
     def run(self) -> list[Token]:
         """Generate to the end; return all tokens."""
@@ -186,9 +189,10 @@ class Generation:
                 if self._stop_requested:
                     self.stats.stop_reason = "stopped"
                     break
-                k = min(self.k, room - 1) if self.draft is not None else 0
-                proposed = self._speculative_round(k) if k > 0 else self._target_step()
-                emitted = self._emit(proposed)
+                # Near the end a round drafts no more than fits; a bonus past
+                # the limit is dropped by _emit.
+                proposed = self._speculative_round(min(self.k, room)) if self.draft else self._target_step()
+                emitted = self._emit(proposed, room)
                 self.stats.wall_s = _clock(device) - start
                 yield emitted
                 if emitted and emitted[-1].id in self.stop_ids:
@@ -222,13 +226,13 @@ class Generation:
         return sample(probs, self._generator), probs
 
     def _target_step(self) -> list[Token]:
-        """One target forward on the last token: standard decoding."""
+        """Standard decoding: one target forward on the last token."""
         t0 = _clock(self.target.device)
         logits = self.target.forward(self._ids[self._target_len :], self._target_len, self._target_cache)
         token, _ = self._choose(logits[-1, : self._vocab])
         self.stats.target_forwards += 1
         self.stats.target_s += _clock(self.target.device) - t0
-        return [Token(token, "standard" if self.draft is None else "target")]
+        return [Token(token, "standard")]
 
     def _speculative_round(self, k: int) -> list[Token]:
         assert self.draft is not None
@@ -277,12 +281,10 @@ class Generation:
         out.append(Token(final, "bonus" if accepted == k else "target"))
         return out
 
-    def _emit(self, proposed: list[Token]) -> list[Token]:
-        """Cut at a stop token or the token budget, then advance the caches."""
+    def _emit(self, proposed: list[Token], room: int) -> list[Token]:
+        """Cut at a stop token or at `room` tokens, then advance the caches."""
         emitted: list[Token] = []
-        for token in proposed:
-            if len(self.tokens) + len(emitted) >= self.max_new_tokens:
-                break
+        for token in proposed[:room]:
             emitted.append(token)
             if token.id in self.stop_ids:
                 break

@@ -1,0 +1,559 @@
+"""Tests of chatapp.engine: standard and speculative decoding over tiny seeded
+Llama models (tests/conftest.py), once per DecoderLM implementation.
+
+What they pin down:
+* greedy speculative output is token-for-token the target's greedy decode,
+  and the cached standard path matches an uncached full-prefix reference;
+* sampled speculative output follows the target's distribution exactly
+  (chi-square against the enumerated law of the first two tokens), with
+  negative controls proving the test catches wrong accept/reject rules;
+* stopping (stop ids, token budget, context, stop()/close()), provenance
+  tags, stats bookkeeping, the baseline, input validation, stats theory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import chatapp.engine as engine
+from chatapp.engine import Generation, Token
+from chatapp.sampling import SamplingParams, logits_to_probs, sample
+from chatapp.stats import Baseline, best_k, expected_speedup, expected_tokens_per_round
+
+GREEDY = SamplingParams()
+T1 = SamplingParams(temperature=1.0)
+ALPHA = 1e-3  # significance level of the distribution tests
+PROMPT = [5, 17, 42, 8, 23]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: threads only add overhead, and contention on a shared box.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def prompts(vocab: int, lengths=(1, 2, 3, 5, 8, 13, 21, 30), seed: int = 1234) -> list[list[int]]:
+    """Seeded random prompts; length 1 covers the no-prefill path."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def generate(models, prompt, *, draft: str | None = "draft", **kwargs) -> Generation:
+    """A Generation on `models`; draft names the TinyModels field ("draft" or "same") or is None."""
+    return Generation(models.target, getattr(models, draft) if draft else None, prompt, **kwargs)
+
+
+def ids(tokens: list[Token]) -> list[int]:
+    return [t.id for t in tokens]
+
+
+def sources(tokens: list[Token]) -> list[str]:
+    return [t.source for t in tokens]
+
+
+@torch.no_grad()
+def reference_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding the slow, obvious way: the full prefix every step, no cache."""
+    out = list(prompt)
+    for _ in range(n):
+        logits = hf_model(torch.tensor([out]), use_cache=False).logits[0, -1]
+        out.append(int(torch.argmax(logits)))
+    return out[len(prompt) :]
+
+
+# -- 1. greedy equality -------------------------------------------------------
+
+GREEDY_NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def greedy_standard(chat_models) -> list[tuple[list[int], list[int]]]:
+    """(prompt, standard-mode greedy ids) for 8 prompts."""
+    return [
+        (p, generate(chat_models, p, mode="standard", max_new_tokens=GREEDY_NEW_TOKENS).run())
+        for p in prompts(chat_models.vocab)
+    ]
+
+
+def test_standard_greedy_matches_uncached_reference(chat_models, greedy_standard):
+    for prompt, tokens in greedy_standard:
+        assert ids(tokens) == reference_greedy(chat_models.target_hf, prompt, GREEDY_NEW_TOKENS), prompt
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_speculative_greedy_matches_standard(chat_models, greedy_standard, k):
+    accepted = drafted = 0
+    for prompt, expected in greedy_standard:
+        gen = generate(chat_models, prompt, k=k, max_new_tokens=GREEDY_NEW_TOKENS)
+        assert ids(gen.run()) == ids(expected), prompt
+        accepted += gen.stats.accepted
+        drafted += gen.stats.drafted
+    assert 0 < accepted < drafted  # the draft is really rejected sometimes
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, T1], ids=["T0", "T1"])
+def test_draft_fixture_has_partial_acceptance(chat_models, sampling):
+    accepted = drafted = 0
+    for prompt in prompts(chat_models.vocab)[:4]:
+        gen = generate(chat_models, prompt, k=4, sampling=sampling, max_new_tokens=GREEDY_NEW_TOKENS)
+        gen.run()
+        accepted += gen.stats.accepted
+        drafted += gen.stats.drafted
+    assert 0.3 <= accepted / drafted <= 0.9
+
+
+# -- 2. identical draft ----------------------------------------------------------
+
+@pytest.mark.parametrize("sampling", [GREEDY, T1], ids=["T0", "T1"])
+@pytest.mark.parametrize("k, max_new_tokens", [(1, 40), (4, 20), (4, 22), (4, 21)])
+def test_identical_draft_accepts_everything(chat_models, sampling, k, max_new_tokens):
+    gen = generate(chat_models, PROMPT, draft="same", k=k, sampling=sampling, max_new_tokens=max_new_tokens, seed=3)
+    chunks = list(gen)
+    assert len(gen.tokens) == max_new_tokens
+    assert gen.stats.acceptance_rate == 1.0
+    assert set(sources(gen.tokens)) <= {"draft", "bonus"}
+    for chunk in chunks[:-1]:  # every round: drafts, then the bonus
+        assert sources(chunk) == ["draft"] * (len(chunk) - 1) + ["bonus"]
+    # The last round drafts only what fits; a bonus past the budget is dropped.
+    last = sources(chunks[-1])
+    assert last in (["draft"] * len(last), ["draft"] * (len(last) - 1) + ["bonus"])
+
+
+# -- 3. distribution equality -------------------------------------------------
+
+N_SAMPLES = 600
+DIST_PROMPT = [1, 3, 2]
+
+
+@dataclass(frozen=True)
+class DistCase:
+    sampling: SamplingParams
+    k: int
+    max_new_tokens: int
+
+
+DIST_CASES = {
+    # Two new tokens with k=1: t1 is accepted/resampled at row 0 and t2 is
+    # the bonus or a fresh round's token.
+    "T1": DistCase(T1, k=1, max_new_tokens=2),
+    # Three new tokens with k=2: t2 can also be a residual resample at row 1,
+    # or come from a round after a rollback of the draft cache.
+    "T0.7-top_p0.9": DistCase(SamplingParams(temperature=0.7, top_p=0.9), k=2, max_new_tokens=3),
+}
+
+
+@dataclass
+class Samples:
+    counts: torch.Tensor  # [V, V] counts of the first two new tokens
+    accepted: int
+    drafted: int
+    sources: Counter
+
+
+@torch.no_grad()
+def exact_first_two(hf_model, prompt: list[int], sampling: SamplingParams) -> torch.Tensor:
+    """P(t1, t2) under the target with `sampling`, from full-prefix forwards."""
+    vocab = hf_model.config.vocab_size
+    first = hf_model(torch.tensor([prompt]), use_cache=False).logits[:, -1]
+    second = hf_model(torch.tensor([prompt + [t] for t in range(vocab)]), use_cache=False).logits[:, -1]
+    p1 = logits_to_probs(first, sampling)[0].double()
+    p2 = logits_to_probs(second, sampling).double()
+    return p1[:, None] * p2
+
+
+def sample_first_two(models, case: DistCase, mode: str, n: int = N_SAMPLES) -> Samples:
+    out = Samples(torch.zeros(models.vocab, models.vocab, dtype=torch.float64), 0, 0, Counter())
+    for seed in range(n):
+        gen = generate(
+            models, DIST_PROMPT, mode=mode, k=case.k, sampling=case.sampling,
+            max_new_tokens=case.max_new_tokens, seed=seed,
+        )  # fmt: skip
+        tokens = gen.run()
+        out.counts[tokens[0].id, tokens[1].id] += 1
+        out.accepted += gen.stats.accepted
+        out.drafted += gen.stats.drafted
+        out.sources.update(sources(tokens))
+    return out
+
+
+def chi_square(probs: torch.Tensor, counts: torch.Tensor) -> tuple[float, int, float]:
+    """(statistic, degrees of freedom, p-value) of counts against probs.
+
+    Cells expected >= 5 stand alone; the rest are pooled (into the smallest
+    kept cell if the pool itself expects < 5). A count where the probability is
+    exactly 0 (e.g. cut by top-p) is impossible and gives p = 0."""
+    expected = probs.flatten().double() * counts.sum()
+    observed = counts.flatten().double()
+    if observed[expected == 0].sum() > 0:
+        return math.inf, 0, 0.0
+    big = expected >= 5
+    exp_cells, obs_cells = expected[big].clone(), observed[big].clone()
+    pool_exp, pool_obs = expected[~big].sum(), observed[~big].sum()
+    if pool_exp >= 5:
+        exp_cells = torch.cat([exp_cells, pool_exp.view(1)])
+        obs_cells = torch.cat([obs_cells, pool_obs.view(1)])
+    elif pool_exp > 0:
+        smallest = torch.argmin(exp_cells)
+        exp_cells[smallest] += pool_exp
+        obs_cells[smallest] += pool_obs
+    statistic = float(((obs_cells - exp_cells) ** 2 / exp_cells).sum())
+    df = len(exp_cells) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(statistic / 2)))
+    return statistic, df, p_value
+
+
+def distribution_p_value(models, case: DistCase, mode: str) -> tuple[float, Samples]:
+    exact = exact_first_two(models.target_hf, DIST_PROMPT, case.sampling)
+    samples = sample_first_two(models, case, mode)
+    statistic, df, p_value = chi_square(exact, samples.counts)
+    print(f"\n{mode}: chi2={statistic:.1f} df={df} p={p_value:.3g}", end=" ")
+    return p_value, samples
+
+
+@pytest.mark.parametrize("case", DIST_CASES.values(), ids=DIST_CASES.keys())
+def test_speculative_sampling_follows_target_distribution(tiny_vocab_models, case):
+    p_value, samples = distribution_p_value(tiny_vocab_models, case, "speculative")
+    print(f"acceptance={samples.accepted / samples.drafted:.3f} sources={dict(samples.sources)}", end=" ")
+    assert p_value > ALPHA
+    # The run really exercised rejection, resampling and bonus tokens.
+    assert 0.3 <= samples.accepted / samples.drafted <= 0.9
+    assert min(samples.sources[s] for s in ("draft", "target", "bonus")) >= N_SAMPLES // 10
+
+
+@pytest.mark.parametrize("case", DIST_CASES.values(), ids=DIST_CASES.keys())
+def test_standard_sampling_follows_target_distribution(tiny_vocab_models, case):
+    p_value, samples = distribution_p_value(tiny_vocab_models, case, "standard")
+    assert p_value > ALPHA
+    assert set(samples.sources) == {"standard"}
+
+
+def top_p_really_cuts(models):
+    """The top-p case is only a test of truncation if some token pairs are cut."""
+    exact = exact_first_two(models.target_hf, DIST_PROMPT, DIST_CASES["T0.7-top_p0.9"].sampling)
+    return bool((exact == 0).any())
+
+
+def test_top_p_case_truncates_tokens(tiny_vocab_models):
+    assert top_p_really_cuts(tiny_vocab_models)
+
+
+def accept_resampling_from_p(p, q, proposals, generator):
+    """Wrong: on rejection draws from p instead of normalize(max(0, p - q))."""
+    r = torch.rand(len(proposals), generator=generator)
+    for i, x in enumerate(proposals):
+        if r[i] * q[i, x] >= p[i, x]:
+            return i, sample(p[i], generator)
+    return len(proposals), sample(p[len(proposals)], generator)
+
+
+def accept_always(p, q, proposals, generator):
+    """Wrong: keeps every draft token (the output then follows the draft)."""
+    return len(proposals), sample(p[len(proposals)], generator)
+
+
+@pytest.mark.parametrize("rule", [accept_resampling_from_p, accept_always], ids=lambda r: r.__name__)
+@pytest.mark.parametrize("case", DIST_CASES.values(), ids=DIST_CASES.keys())
+def test_wrong_accept_rule_is_detected(tiny_vocab_models, case, rule, monkeypatch):
+    monkeypatch.setattr(engine, "speculative_accept", rule)
+    p_value, _ = distribution_p_value(tiny_vocab_models, case, "speculative")
+    assert p_value < ALPHA
+
+
+# -- 4. seeds -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["speculative", "standard"])
+def test_seeds_reproduce_and_differ(chat_models, mode):
+    def run(seed):
+        return generate(chat_models, PROMPT, mode=mode, k=3, sampling=T1, max_new_tokens=20, seed=seed).run()
+
+    assert run(7) == run(7)  # ids and sources
+    assert len({tuple(ids(run(seed))) for seed in range(5)}) >= 4
+
+
+# -- 5. stop ids ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, T1], ids=["T0", "T1"])
+@pytest.mark.parametrize("position", [2, 6])  # with k=4 every round emits 5: both are mid-round
+def test_stop_id_inside_an_accepted_run(chat_models, sampling, position):
+    k = 4
+    settings = dict(draft="same", k=k, sampling=sampling, max_new_tokens=position + 8, seed=1)
+    for prompt in prompts(chat_models.vocab):
+        full = ids(generate(chat_models, prompt, **settings).run())
+        if full[position] not in full[:position]:
+            break
+    else:
+        pytest.fail(f"no prompt whose token {position} is new")
+    gen = generate(chat_models, prompt, stop_ids=[full[position]], **settings)
+    chunks = list(gen)
+    assert gen.token_ids == full[: position + 1]
+    assert [len(c) for c in chunks] == [k + 1] * (position // (k + 1)) + [position % (k + 1) + 1]
+    assert gen.tokens[-1].source == "draft"
+    assert gen.stats.stop_reason == "eos"
+    assert gen.stats.new_tokens == sum(gen.stats.source_counts.values()) == position + 1
+
+
+# -- 6. token budget, context and stats bookkeeping -----------------------------
+
+MODES_K = [("standard", 1), ("speculative", 1), ("speculative", 3), ("speculative", 8)]
+
+
+def check_stats(gen: Generation, chunks: list[list[Token]], k: int) -> None:
+    """Bookkeeping that must hold for any run not cut by a stop id."""
+    s = gen.stats
+    assert s.new_tokens == len(gen.tokens) == sum(s.source_counts.values()) == sum(map(len, chunks))
+    assert Counter(sources(gen.tokens)) == +Counter(s.source_counts)
+    assert s.wall_s > 0 and s.prefill_s >= 0
+    if gen.mode == "standard":
+        assert set(sources(gen.tokens)) == {"standard"}
+        assert s.target_forwards == s.new_tokens == len(chunks)
+        assert s.rounds == s.drafted == s.accepted == s.draft_forwards == s.k == 0
+        assert s.acceptance_rate is None
+        return
+    assert s.k == k
+    assert s.accepted <= s.drafted == s.draft_forwards
+    assert s.rounds <= s.drafted <= k * s.rounds
+    # Every token of a speculative reply comes out of a round: one target forward each.
+    assert s.rounds == s.target_forwards == len(chunks)
+    # Each round yields its accepted drafts, then one token of the target's own;
+    # only the last round may be cut short by the token budget or the context.
+    for chunk in chunks[:-1]:
+        assert sources(chunk)[-1] in ("target", "bonus")
+        assert set(sources(chunk)[:-1]) <= {"draft"}
+    assert s.source_counts["draft"] <= s.accepted
+    assert s.source_counts["target"] + s.source_counts["bonus"] in (s.rounds - 1, s.rounds)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 17])
+@pytest.mark.parametrize("mode, k", MODES_K)
+def test_exact_max_new_tokens(chat_models, mode, k, max_new_tokens):
+    gen = generate(chat_models, PROMPT, mode=mode, k=k, sampling=T1, max_new_tokens=max_new_tokens, seed=max_new_tokens)
+    chunks = list(gen)
+    assert len(gen.tokens) == max_new_tokens
+    assert gen.stats.stop_reason == "max_new_tokens"
+    assert gen.stats.prompt_tokens == len(PROMPT)
+    check_stats(gen, chunks, k)
+
+
+@pytest.mark.parametrize("room", [1, 5])
+@pytest.mark.parametrize("mode, k", MODES_K)
+def test_generation_stops_at_the_context_limit(chat_models, mode, k, room):
+    [prompt] = prompts(chat_models.vocab, lengths=[chat_models.max_positions - room])
+    gen = generate(chat_models, prompt, mode=mode, k=k, sampling=T1, max_new_tokens=40)
+    chunks = list(gen)
+    assert len(gen.tokens) == room
+    assert gen.stats.stop_reason == "context"
+    check_stats(gen, chunks, k)
+
+
+# -- 7. stop() and close() ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["stop", "break-close"])
+@pytest.mark.parametrize("mode", ["speculative", "standard"])
+def test_stopping_after_the_first_round(chat_models, mode, how):
+    settings = dict(mode=mode, k=4, sampling=T1, max_new_tokens=30, seed=5)
+    gen = generate(chat_models, PROMPT, **settings)
+    chunks = []
+    for chunk in gen:
+        chunks.append(chunk)
+        if how == "stop":
+            gen.stop()  # the loop must then end by itself
+        else:
+            break
+    if how == "break-close":
+        gen.close()
+    assert len(chunks) == 1
+    assert gen.tokens == chunks[0]
+    assert list(gen) == []
+    assert gen.stats.stop_reason == "stopped"
+    assert gen.stats.new_tokens == len(chunks[0])
+    assert gen._target_cache is None and gen._draft_cache is None
+    # The models are unharmed: a new generation runs in full, same seed same start.
+    fresh = generate(chat_models, PROMPT, **settings).run()
+    assert len(fresh) == 30
+    assert fresh[: len(chunks[0])] == chunks[0]
+
+
+def test_stop_before_iterating_generates_nothing(chat_models):
+    gen = generate(chat_models, PROMPT, max_new_tokens=10)
+    gen.stop()
+    assert gen.run() == []
+    assert gen.stats.stop_reason == "stopped"
+
+
+@pytest.mark.parametrize("iterator_created", [False, True])
+def test_close_before_the_first_round_ends_the_generation(chat_models, iterator_created):
+    gen = generate(chat_models, PROMPT, max_new_tokens=10)
+    if iterator_created:
+        iter(gen)
+    gen.close()
+    assert gen.run() == []
+    assert gen.stats.stop_reason == "stopped"
+
+
+# -- 8. bad inputs ---------------------------------------------------------------------
+
+BAD_GENERATIONS = {
+    "empty prompt": (lambda m: dict(prompt=[]), "prompt is empty"),
+    "prompt fills the context": (lambda m: dict(prompt=[1] * m.max_positions), "context holds 96"),
+    "k=0": (lambda m: dict(k=0), r"k must be in 1\.\.64, got 0"),
+    "k=65": (lambda m: dict(k=65), r"k must be in 1\.\.64, got 65"),
+    "k=0 standard": (lambda m: dict(k=0, mode="standard"), r"k must be in 1\.\.64, got 0"),
+    "max_new_tokens=0": (lambda m: dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+    "unknown mode": (lambda m: dict(mode="turbo"), "mode must be one of .*'turbo'"),
+    "speculative without draft": (lambda m: dict(draft=None), "speculative mode needs a draft model"),
+}
+
+
+@pytest.mark.parametrize("make, message", BAD_GENERATIONS.values(), ids=BAD_GENERATIONS.keys())
+def test_bad_generation_arguments(chat_models, make, message):
+    kwargs = dict(prompt=PROMPT) | make(chat_models)
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(ValueError, match=message):
+        generate(chat_models, prompt, **kwargs)
+
+
+def test_longest_prompt_that_fits_gets_one_token(chat_models):
+    gen = generate(chat_models, [1] * (chat_models.max_positions - 1), max_new_tokens=10)
+    assert len(gen.run()) == 1
+    assert gen.stats.stop_reason == "context"
+
+
+BAD_SAMPLING = {
+    "negative temperature": (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    "top_p=0": (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    "top_p>1": (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    "negative top_k": (dict(top_k=-1), "top_k must be >= 0, got -1"),
+}
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_SAMPLING.values(), ids=BAD_SAMPLING.keys())
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+# -- 9. provenance ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_provenance_of_each_round(chat_models, k):
+    max_new_tokens = 60
+    gen = generate(chat_models, PROMPT, k=k, sampling=T1, max_new_tokens=max_new_tokens, seed=11)
+    produced = 0
+    for chunk in gen:
+        room = max_new_tokens - produced
+        k_round = min(k, room)  # a round drafts no more than fits
+        *drafts, last = chunk
+        assert set(sources(drafts)) <= {"draft"}
+        if last.source == "bonus":
+            assert len(drafts) == k_round
+        elif last.source == "draft":  # all accepted, the bonus fell past the budget
+            assert len(chunk) == room == k_round
+        else:
+            assert last.source == "target" and len(drafts) < k_round
+        produced += len(chunk)
+    assert set(sources(gen.tokens)) == {"draft", "target", "bonus"}
+
+
+# -- 10. baseline and theory -------------------------------------------------------------
+
+
+def test_speedup_is_measured_against_the_baseline(chat_models):
+    baseline = Baseline()
+    baseline.record(10.0, "calibration at load")
+    gen = generate(chat_models, PROMPT, k=3, sampling=T1, max_new_tokens=20, baseline=baseline)
+    gen.run()
+    assert gen.stats.baseline_tokens_per_s == 10.0
+    assert gen.stats.speedup == pytest.approx(gen.stats.tokens_per_s / 10.0)
+    assert "calibration at load" in gen.stats.baseline_source
+    assert baseline.tokens_per_s == 10.0  # a speculative turn does not touch the baseline
+
+
+def test_without_a_baseline_there_is_no_speedup(chat_models):
+    gen = generate(chat_models, PROMPT, max_new_tokens=5)
+    gen.run()
+    assert gen.stats.speedup is None
+    assert gen.stats.baseline_source == "none"
+
+
+def test_standard_turn_records_the_baseline(chat_models):
+    baseline = Baseline()
+    gen = generate(chat_models, PROMPT, mode="standard", max_new_tokens=16, baseline=baseline)
+    gen.run()
+    assert gen.stats.speedup is None  # there was no baseline when the turn began
+    assert gen.stats.tokens_per_s > 0
+    assert baseline.tokens_per_s == gen.stats.tokens_per_s
+    assert "standard-mode turns" in baseline.source
+
+
+def _stopped_run(gen: Generation) -> None:
+    for _ in gen:
+        gen.stop()
+
+
+NOT_RECORDED = {
+    "speculative": (dict(mode="speculative"), Generation.run),
+    "record_baseline=False": (dict(record_baseline=False), Generation.run),
+    "fewer than 8 tokens": (dict(max_new_tokens=7), Generation.run),
+    "stopped": (dict(), _stopped_run),
+}
+
+
+@pytest.mark.parametrize("overrides, drive", NOT_RECORDED.values(), ids=NOT_RECORDED.keys())
+def test_turns_that_do_not_record_the_baseline(chat_models, overrides, drive):
+    baseline = Baseline()
+    drive(generate(chat_models, PROMPT, **(dict(mode="standard", max_new_tokens=16, baseline=baseline) | overrides)))
+    assert baseline.tokens_per_s is None
+
+
+def test_baseline_is_the_median_of_a_window():
+    baseline = Baseline(window=3)
+    for rate, origin in [(100.0, "a"), (1.0, "b"), (4.0, "c"), (2.0, "c")]:
+        baseline.record(rate, origin)
+    baseline.record(0.0, "ignored")
+    assert baseline.tokens_per_s == 2.0  # median of 1, 4, 2: the 100 fell out of the window
+    assert baseline.source == "median of 3 standard-decoding run(s) on this machine: b, c"
+
+
+@pytest.mark.parametrize(
+    "a, k, expected",
+    [(0.5, 3, 1.875), (0.8, 1, 1.8), (0.8, 4, 3.3616), (0.0, 5, 1.0), (1.0, 4, 5.0)],
+)
+def test_expected_tokens_per_round(a, k, expected):
+    assert expected_tokens_per_round(a, k) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "a, k, c, expected",
+    [(0.5, 3, 0.1, 1.875 / 1.3), (0.8, 4, 0.05, 3.3616 / 1.2), (1.0, 4, 0.0, 5.0), (0.0, 2, 0.5, 0.5)],
+)
+def test_expected_speedup(a, k, c, expected):
+    assert expected_speedup(a, k, c) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "a, c, k_max, expected",
+    [
+        (0.8, 0.05, 16, 8),  # speedups 3.0823, 3.0921, 3.0780 at k = 7, 8, 9
+        (0.8, 0.05, 4, 4),  # still rising at the cap
+        (0.5, 0.5, 16, 1),  # 1.0 at k=1, 0.875 at k=2
+        (1.0, 0.0, 16, 16),  # k+1 keeps growing
+        (0.0, 0.0, 16, 1),  # all equal: the smallest k wins the tie
+    ],
+)
+def test_best_k(a, c, k_max, expected):
+    assert best_k(a, c, k_max) == expected
