@@ -109,6 +109,9 @@ class Generation:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; the model's context holds {self.max_positions}"
             )
+        vocab_limit = min(target.vocab_size, draft.vocab_size if draft else target.vocab_size)
+        if not all(0 <= t < vocab_limit for t in prompt_ids):
+            raise ValueError(f"the prompt has token ids outside the vocabulary of {vocab_limit}")
         self.target = target
         self.draft = draft if mode == "speculative" else None
         self.mode = mode
@@ -179,27 +182,27 @@ class Generation:
                 self._draft_cache = self.draft.new_cache(capacity)
                 self._draft_len = self._prefill(self.draft, self._draft_cache)
             self.stats.prefill_s = _clock(device) - start
-            while True:
-                room = min(self.max_new_tokens - len(self.tokens), self.max_positions - len(self._ids))
-                if room <= 0:
-                    self.stats.stop_reason = (
-                        "max_new_tokens" if len(self.tokens) >= self.max_new_tokens else "context"
-                    )
-                    break
+            while not self.stats.stop_reason:
                 if self._stop_requested:
                     self.stats.stop_reason = "stopped"
                     break
+                room = min(self.max_new_tokens - len(self.tokens), self.max_positions - len(self._ids))
                 # Near the end a round drafts no more than fits; a bonus past
                 # the limit is dropped by _emit.
                 proposed = self._speculative_round(min(self.k, room)) if self.draft else self._target_step()
                 emitted = self._emit(proposed, room)
+                # Decided before the yield, so a caller that stops reading
+                # after the last chunk still sees why the reply ended.
+                if emitted[-1].id in self.stop_ids:
+                    self.stats.stop_reason = "eos"
+                elif len(self.tokens) >= self.max_new_tokens:
+                    self.stats.stop_reason = "max_new_tokens"
+                elif len(self._ids) >= self.max_positions:
+                    self.stats.stop_reason = "context"
                 self.stats.wall_s = _clock(device) - start
                 yield emitted
-                if emitted and emitted[-1].id in self.stop_ids:
-                    self.stats.stop_reason = "eos"
-                    break
         except GeneratorExit:
-            self.stats.stop_reason = "stopped"
+            self.stats.stop_reason = self.stats.stop_reason or "stopped"
             raise
         finally:
             self.stats.wall_s = _clock(device) - start
@@ -238,11 +241,13 @@ class Generation:
         assert self.draft is not None
         n = len(self._ids)
         vocab = self._vocab
+        p_device = self.target.device
 
         # Draft proposes k tokens. Its pending input is 1 token, or 2 after a
         # round that ended with a bonus (the last draft token was never fed).
         t0 = _clock(self.draft.device)
-        logits = self.draft.forward(self._ids[self._draft_len :], self._draft_len, self._draft_cache)[-1]
+        # Sampling and acceptance happen on the target's device, with one generator.
+        logits = self.draft.forward(self._ids[self._draft_len :], self._draft_len, self._draft_cache)[-1].to(p_device)
         proposals: list[int] = []
         draft_probs: list[torch.Tensor] = []
         for i in range(k):
@@ -251,7 +256,7 @@ class Generation:
             if probs is not None:
                 draft_probs.append(probs)
             if i < k - 1:
-                logits = self.draft.forward([token], n + i, self._draft_cache)[-1]
+                logits = self.draft.forward([token], n + i, self._draft_cache)[-1].to(p_device)
         self.stats.draft_forwards += k
         self._draft_len = n + k - 1
 
@@ -276,6 +281,7 @@ class Generation:
         self.stats.rounds += 1
         self.stats.drafted += k
         self.stats.accepted += accepted
+        self.stats.rejected += accepted < k
 
         out = [Token(t, "draft") for t in proposals[:accepted]]
         out.append(Token(final, "bonus" if accepted == k else "target"))

@@ -37,6 +37,7 @@ class TurnStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejected: int = 0  # rounds that ended at a rejected draft
     new_tokens: int = 0
     prompt_tokens: int = 0
     target_forwards: int = 0
@@ -53,6 +54,17 @@ class TurnStats:
 
     @property
     def acceptance_rate(self) -> float | None:
+        """Per-token acceptance rate a: accepted / drafts the target checked.
+
+        Drafts after a rejection in the same round are never checked, so
+        accepted/drafted would understate a more and more as K grows; this is
+        the a of the theory's (1 - a^(K+1)) / (1 - a)."""
+        checked = self.accepted + self.rejected
+        return self.accepted / checked if checked else None
+
+    @property
+    def drafted_kept(self) -> float | None:
+        """Fraction of all drafted tokens that were kept (accepted / drafted)."""
         return self.accepted / self.drafted if self.drafted else None
 
     @property
@@ -81,6 +93,7 @@ class TurnStats:
         out = asdict(self)
         for name in (
             "acceptance_rate",
+            "drafted_kept",
             "mean_accepted_per_round",
             "tokens_per_s",
             "speedup",
@@ -130,6 +143,7 @@ class AcceptanceTracker:
     def __init__(self, prior_rate: float = 0.7, prior_cost_ratio: float = 0.3):
         self.drafted = 0
         self.accepted = 0
+        self.rejected = 0
         self.draft_s = 0.0
         self.draft_forwards = 0
         self.verify_s = 0.0
@@ -142,6 +156,7 @@ class AcceptanceTracker:
             return
         self.drafted += stats.drafted
         self.accepted += stats.accepted
+        self.rejected += stats.rejected
         self.draft_s += stats.draft_s
         self.draft_forwards += stats.draft_forwards
         # Verify cost only from forwards that verified drafts; prefill excluded
@@ -151,7 +166,8 @@ class AcceptanceTracker:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else self._prior_rate
+        checked = self.accepted + self.rejected
+        return self.accepted / checked if checked else self._prior_rate
 
     @property
     def cost_ratio(self) -> float:

@@ -557,3 +557,21 @@ def test_expected_speedup(a, k, c, expected):
 )
 def test_best_k(a, c, k_max, expected):
     assert best_k(a, c, k_max) == expected
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_acceptance_rate_is_the_per_token_rate_of_the_theory(chat_models, k):
+    """E[tokens/round] = (1 - a^(K+1)) / (1 - a) holds for the reported a; the
+    naive accepted/drafted (drafts after a rejection are never checked) fails."""
+    round_sizes, accepted, rejected, drafted = [], 0, 0, 0
+    for seed in range(12):
+        gen = generate(chat_models, PROMPT, k=k, sampling=T1, max_new_tokens=60, seed=seed)
+        chunks = list(gen)
+        round_sizes += [len(c) for c in chunks[:-1]]  # the last round may be cut by the budget
+        accepted, rejected, drafted = accepted + gen.stats.accepted, rejected + gen.stats.rejected, drafted + gen.stats.drafted
+        assert gen.stats.acceptance_rate == gen.stats.accepted / (gen.stats.accepted + gen.stats.rejected)
+    measured = sum(round_sizes) / len(round_sizes)
+    a = accepted / (accepted + rejected)
+    assert measured == pytest.approx(expected_tokens_per_round(a, k), rel=0.1)
+    naive = accepted / drafted
+    assert abs(expected_tokens_per_round(naive, k) - measured) / measured > 0.2
