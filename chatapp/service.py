@@ -91,6 +91,16 @@ class ChatService:
             )
             run.run()
         self.baseline.record(run.stats.tokens_per_s, f"calibration at load ({run.stats.new_tokens} tokens)")
+        self.tracker.record_costs(run.stats)
+        # One speculative run seeds auto K with this machine's draft and verify costs.
+        with self.lock:
+            probe = Generation(
+                self.pair.target, self.pair.draft, ids, mode="speculative", k=4, max_new_tokens=new_tokens
+            )
+            probe.run()
+        self.tracker.record_costs(probe.stats)
+        if probe.stats.acceptance_rate is not None:  # this pair's rate, until real turns come in
+            self.tracker.prior_rate = probe.stats.acceptance_rate
         return self.baseline.tokens_per_s
 
     def start_turn(self, history: list[dict], decoding: DecodingSettings, system: str | None = None) -> Turn:
@@ -104,7 +114,10 @@ class ChatService:
         k, k_choice = decoding.k, "fixed"
         if decoding.auto_k and decoding.mode == "speculative":
             k = self.tracker.choose_k()
-            k_choice = f"auto (a={self.tracker.acceptance_rate:.2f}, c={self.tracker.cost_ratio:.2f})"
+            k_choice = (
+                f"auto (a={self.tracker.acceptance_rate:.2f}, c={self.tracker.cost_ratio:.2f}, "
+                f"verify +{self.tracker.verify_slope:.2f} step/token)"
+            )
         generation = Generation(
             self.pair.target,
             self.pair.draft,

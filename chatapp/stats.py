@@ -137,10 +137,28 @@ class Baseline:
             return f"median of {len(self._rates)} standard-decoding run(s) on this machine: " + ", ".join(origins)
 
 
-class AcceptanceTracker:
-    """Running acceptance rate and draft/target cost ratio, for auto K."""
+def expected_speedup_with_costs(a: float, k: int, c: float, verify_ratio: float) -> float:
+    """Speedup when verifying K+1 tokens costs `verify_ratio` target steps
+    (1.0 in the simple formula; more when the verify is not purely
+    weight-bound)."""
+    return expected_tokens_per_round(a, k) / (k * c + verify_ratio)
 
-    def __init__(self, prior_rate: float = 0.7, prior_cost_ratio: float = 0.3):
+
+class AcceptanceTracker:
+    """Running acceptance rate and step costs, for auto K.
+
+    Auto K maximises E(a, K) / (K c + v(K)), the speedup of the literature's
+    formula with the verify cost measured rather than assumed: c = draft step
+    / target step, v(K) = cost of verifying K+1 tokens in target steps, a
+    line through the 1-token step fitted to the verify costs seen so far.
+    """
+
+    PRIOR_RATE = 0.7
+    PRIOR_COST_RATIO = 0.3
+    PRIOR_VERIFY_SLOPE = 0.05  # extra target steps per extra verified token
+
+    def __init__(self):
+        self.prior_rate = self.PRIOR_RATE
         self.drafted = 0
         self.accepted = 0
         self.rejected = 0
@@ -148,33 +166,63 @@ class AcceptanceTracker:
         self.draft_forwards = 0
         self.verify_s = 0.0
         self.verify_forwards = 0
-        self._prior_rate = prior_rate
-        self._prior_cost = prior_cost_ratio
+        self._target_steps: list[float] = []  # 1-token target forwards (standard turns)
+        self._verify_points: list[tuple[int, float]] = []  # (tokens verified, seconds)
 
     def record(self, stats: TurnStats) -> None:
-        if stats.mode != "speculative":
+        """A finished turn: its acceptance counts and its step costs."""
+        if stats.mode == "speculative":
+            self.drafted += stats.drafted
+            self.accepted += stats.accepted
+            self.rejected += stats.rejected
+        self.record_costs(stats)
+
+    def record_costs(self, stats: TurnStats) -> None:
+        """Only the step costs of a turn (e.g. a calibration run)."""
+        if stats.mode == "standard":
+            if stats.target_forwards:
+                self._target_steps = (self._target_steps + [stats.target_s / stats.target_forwards])[-8:]
             return
-        self.drafted += stats.drafted
-        self.accepted += stats.accepted
-        self.rejected += stats.rejected
         self.draft_s += stats.draft_s
         self.draft_forwards += stats.draft_forwards
-        # Verify cost only from forwards that verified drafts; prefill excluded
-        # because target_s already excludes it.
         self.verify_s += stats.target_s
         self.verify_forwards += stats.target_forwards
+        if stats.target_forwards:
+            self._verify_points = (self._verify_points + [(stats.k + 1, stats.target_s / stats.target_forwards)])[-32:]
 
     @property
     def acceptance_rate(self) -> float:
         checked = self.accepted + self.rejected
-        return self.accepted / checked if checked else self._prior_rate
+        return self.accepted / checked if checked else self.prior_rate
+
+    @property
+    def target_step_s(self) -> float | None:
+        return statistics.median(self._target_steps) if self._target_steps else None
 
     @property
     def cost_ratio(self) -> float:
-        if not (self.draft_forwards and self.verify_forwards):
-            return self._prior_cost
-        return (self.draft_s / self.draft_forwards) / (self.verify_s / self.verify_forwards)
+        """c = draft step / target step (falls back to the verify step before
+        any standard-decoding step has been timed)."""
+        if not self.draft_forwards:
+            return self.PRIOR_COST_RATIO
+        reference = self.target_step_s or (self.verify_s / self.verify_forwards)
+        return (self.draft_s / self.draft_forwards) / reference
+
+    @property
+    def verify_slope(self) -> float:
+        """Extra target steps per extra verified token, fitted through (1, 1)."""
+        step = self.target_step_s
+        points = [(rows - 1, seconds / step - 1.0) for rows, seconds in self._verify_points if rows > 1] if step else []
+        if not points:
+            return self.PRIOR_VERIFY_SLOPE
+        return max(0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points))
+
+    def verify_ratio(self, k: int) -> float:
+        return 1.0 + self.verify_slope * k
+
+    def expected_speedup(self, k: int) -> float:
+        a = min(self.acceptance_rate, 0.99)  # a perfect streak must not pin K at the maximum
+        return expected_speedup_with_costs(a, k, self.cost_ratio, self.verify_ratio(k))
 
     def choose_k(self, k_max: int = 16) -> int:
-        # Clamp a away from 1 so a perfect streak does not pin K at k_max forever.
-        return best_k(min(self.acceptance_rate, 0.99), self.cost_ratio, k_max)
+        return max(range(1, k_max + 1), key=lambda k: (self.expected_speedup(k), -k))

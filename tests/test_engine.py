@@ -575,3 +575,31 @@ def test_acceptance_rate_is_the_per_token_rate_of_the_theory(chat_models, k):
     assert measured == pytest.approx(expected_tokens_per_round(a, k), rel=0.1)
     naive = accepted / drafted
     assert abs(expected_tokens_per_round(naive, k) - measured) / measured > 0.2
+
+
+def _turn(mode, k=0, *, accepted=0, rejected=0, rounds=1, draft_ms=0.0, verify_ms=0.0, forwards=1):
+    from chatapp.stats import TurnStats
+
+    return TurnStats(
+        mode=mode, k=k, rounds=rounds, drafted=k * rounds, accepted=accepted, rejected=rejected,
+        draft_forwards=k * rounds, draft_s=draft_ms / 1000 * k * rounds,
+        target_forwards=forwards, target_s=verify_ms / 1000 * forwards,
+    )  # fmt: skip
+
+
+def test_auto_k_uses_measured_costs():
+    from chatapp.stats import AcceptanceTracker, expected_speedup_with_costs
+
+    tracker = AcceptanceTracker()
+    tracker.record(_turn("standard", verify_ms=30.0, forwards=20))  # target step 30 ms
+    # K=4 turns: draft 9 ms/step, verify of 5 tokens 36 ms (+0.05 step per token), a = 0.95
+    tracker.record(_turn("speculative", 4, accepted=95, rejected=5, rounds=25, draft_ms=9.0, verify_ms=36.0, forwards=25))
+    assert tracker.acceptance_rate == pytest.approx(0.95)
+    assert tracker.cost_ratio == pytest.approx(0.3)
+    assert tracker.verify_slope == pytest.approx(0.05)
+    k = tracker.choose_k()
+    speedups = {j: expected_speedup_with_costs(0.95, j, 0.3, 1 + 0.05 * j) for j in range(1, 17)}
+    assert k == max(speedups, key=speedups.get)
+    # A verify that costs a full step per extra token makes small K best.
+    tracker.record(_turn("speculative", 8, accepted=8, rejected=0, rounds=1, draft_ms=9.0, verify_ms=30.0 * 9, forwards=1))
+    assert tracker.choose_k() < k
