@@ -1,0 +1,20 @@
+"""The README's promises: its two commands, CI calling the test one, and a
+library example that runs as written."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_two_commands_and_ci_calls_the_test_command():
+    assert "make run " in README and "make test " in README
+    assert "make test" in (ROOT / ".ci/run").read_text()
+
+
+def test_library_example_runs(capsys):
+    code = re.search(r"## Use as a library.*?```python\n(.*?)```", README, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "'draft')" in out and "'acceptance_rate'" in out
