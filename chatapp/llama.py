@@ -11,7 +11,10 @@ loaded transformers model:
   once per step; results independent of the number of rows, which makes
   greedy speculative decoding bit-exact against standard decoding);
 * `quantize="int8-weight-only"` stores every matrix (LM head included) as
-  int8 with one fp32 scale per output row; activations stay fp32.
+  int8 with one fp32 scale per output row. The CPU kernels multiply them by
+  int16 activations quantized per row on the fly (exact integer sums with
+  AVX-512 VNNI; the activation error is ~50x below the weights' own); the
+  torch fallback dequantizes the weights and keeps fp32 activations.
 """
 
 from __future__ import annotations
@@ -50,12 +53,12 @@ NO_TENSOR = torch.empty(0)
 
 
 class Linear:
-    """y = x @ W.T (+ b). Float weights, or int8 rows with one fp32 scale each
-    (weight-only quantization: activations stay fp32). With the CPU kernels
-    the weight is stored packed in 64-column panels (see cpu_kernels.cpp)."""
+    """y = x @ W.T (+ b). Float weights, or int8 rows with one fp32 scale each.
+    With the CPU kernels the weight is stored packed in 64-column panels (see
+    cpu_kernels.cpp)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels, *, int8: bool = False):
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         if int8:
             weight, self.scale = quantize_int8(weight)
         else:
@@ -158,11 +161,14 @@ class LlamaDecoderLM:
         self.sin = (angles.sin() * scaling).to(self.dtype)
 
         self.info = info or ModelInfo(name=getattr(config, "_name_or_path", "") or "llama")
-        self.info.dtype = "int8 weights, fp32 activations" if quantize else str(self.dtype).replace("torch.", "")
-        if quantize:
-            path = "int8 weight-only per-channel"
-            path += " (specchat AVX-512 kernel)" if self._kernels is not None else " (torch dequantize fallback)"
-            self.info.quantization = path
+        if quantize and self._kernels is not None:
+            self.info.dtype = "int8 weights, int16 activations"
+            self.info.quantization = "int8 per-channel weights x int16 per-row activations (specchat CPU kernel)"
+        elif quantize:
+            self.info.dtype = "int8 weights, fp32 activations"
+            self.info.quantization = "int8 per-channel weights, dequantized (torch fallback)"
+        else:
+            self.info.dtype = str(self.dtype).replace("torch.", "")
         self.info.device = str(self.device)
         self.info.implementation = "specchat static-cache decoder" + (
             " + CPU kernels" if self._kernels is not None else " (torch ops)"
@@ -235,7 +241,7 @@ class LlamaDecoderLM:
                 layer.gate_up.weight, layer.gate_up.scale,
                 layer.down.weight, layer.down.scale,
                 cache.keys[i], cache.values[i], self.cos, self.sin,
-                start, self.eps, self.heads, self.kv_heads, layer.down.weight.shape[1],
+                start, self.eps, self.heads, self.kv_heads, layer.down.in_features,
             )  # fmt: skip
         if not logits:
             return None

@@ -4,9 +4,8 @@
 //  * speed: decode is bound by reading weights. Weights are packed in panels
 //    of 64 output columns, [K][64] each, streamed once per call; every weight
 //    vector loaded is applied to up to four activation rows held in
-//    registers. int8 weights are widened to fp32 in registers (weight-only
-//    quantization keeps fp32 activations, which keeps the draft close to the
-//    target).
+//    registers. int8 weights meet int16 activations quantized per row in an
+//    integer dot product (see the packed linear section).
 //  * batch invariance: every output is one fma chain over k = 0..K-1 in
 //    order, whatever the number of rows. Verifying K+1 tokens therefore gives
 //    bit-identical logits to K+1 one-token steps, and greedy speculative
@@ -56,17 +55,9 @@ inline void load_panel_row(const float* w, __m512& w0, __m512& w1, __m512& w2, _
   w3 = _mm512_loadu_ps(w + 48);
 }
 
-inline void load_panel_row(const int8_t* w, __m512& w0, __m512& w1, __m512& w2, __m512& w3) {
-  const __m512i raw = _mm512_loadu_si512(reinterpret_cast<const void*>(w));
-  w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(raw)));
-  w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 1)));
-  w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 2)));
-  w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(raw, 3)));
-}
-
-// ROWS activation rows (stride k) times one [k][64] panel -> out[ROWS][64].
-template <int ROWS, typename W>
-inline void panel_rows(const float* x, int64_t k, const W* panel, float* out) {
+// ROWS activation rows (stride k) times one float [k][64] panel -> out[ROWS][64].
+template <int ROWS>
+inline void panel_rows(const float* x, int64_t k, const float* panel, float* out) {
   __m512 acc[ROWS][4];
 #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
@@ -90,13 +81,65 @@ inline void panel_rows(const float* x, int64_t k, const W* panel, float* out) {
     _mm512_storeu_ps(out + r * kPanel + 48, acc[r][3]);
   }
 }
+
+// ROWS rows of int16 input pairs (stride kp, two int16 per int32) times one
+// int8 [kp][64][2] panel -> exact int32 sums out[ROWS][64]. The layout is the
+// operand layout of vpdpwssd: each 32-bit lane multiplies one column's two
+// weights by two inputs and adds both products to its int32 accumulator.
+template <int ROWS>
+inline void panel_rows_int8(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out) {
+  __m512i acc[ROWS][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < kp; ++i) {
+    const int8_t* w = panel + i * 2 * kPanel;
+    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32)));
+    const __m512i w2 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64)));
+    const __m512i w3 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 96)));
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512i xb = _mm512_set1_epi32(xq[r * kp + i]);
+#if defined(__AVX512VNNI__)
+      acc[r][0] = _mm512_dpwssd_epi32(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpwssd_epi32(acc[r][1], xb, w1);
+      acc[r][2] = _mm512_dpwssd_epi32(acc[r][2], xb, w2);
+      acc[r][3] = _mm512_dpwssd_epi32(acc[r][3], xb, w3);
 #else
-template <int ROWS, typename W>
-inline void panel_rows(const float* x, int64_t k, const W* panel, float* out) {
+      acc[r][0] = _mm512_add_epi32(acc[r][0], _mm512_madd_epi16(xb, w0));
+      acc[r][1] = _mm512_add_epi32(acc[r][1], _mm512_madd_epi16(xb, w1));
+      acc[r][2] = _mm512_add_epi32(acc[r][2], _mm512_madd_epi16(xb, w2));
+      acc[r][3] = _mm512_add_epi32(acc[r][3], _mm512_madd_epi16(xb, w3));
+#endif
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r) {
+    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(reinterpret_cast<void*>(out + r * kPanel + 16 * j), acc[r][j]);
+  }
+}
+#else
+template <int ROWS>
+inline void panel_rows(const float* x, int64_t k, const float* panel, float* out) {
   for (int r = 0; r < ROWS; ++r) {
     for (int c = 0; c < kPanel; ++c) {
       float acc = 0.f;
-      for (int64_t i = 0; i < k; ++i) acc = std::fma(x[r * k + i], static_cast<float>(panel[i * kPanel + c]), acc);
+      for (int64_t i = 0; i < k; ++i) acc = std::fma(x[r * k + i], panel[i * kPanel + c], acc);
+      out[r * kPanel + c] = acc;
+    }
+  }
+}
+
+template <int ROWS>
+inline void panel_rows_int8(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out) {
+  for (int r = 0; r < ROWS; ++r) {
+    for (int c = 0; c < kPanel; ++c) {
+      int32_t acc = 0;
+      for (int64_t i = 0; i < kp; ++i) {
+        const int32_t pair = xq[r * kp + i];
+        const int16_t lo = static_cast<int16_t>(pair & 0xffff), hi = static_cast<int16_t>(pair >> 16);
+        acc += lo * panel[(i * kPanel + c) * 2] + hi * panel[(i * kPanel + c) * 2 + 1];
+      }
       out[r * kPanel + c] = acc;
     }
   }
@@ -112,28 +155,70 @@ void check_rows(const torch::Tensor& x, int64_t k) {
 }  // namespace
 
 // ---- packed linear ----------------------------------------------------------
+//
+// float32 weights [n][k] are packed as [ceil(n/64)][k][64] panels, int8 weights
+// as [ceil(n/64)][k/2][64][2] (input pairs interleaved for the integer dot
+// product); both zero-padded to whole panels.
+//
+// int8 weights multiply int16 activations: each row is quantized with its own
+// scale, fine enough that the error is far below the weights' own int8 error
+// (relative step ~3e-5 of the row's largest value), and coarse enough that the
+// int32 sums cannot overflow. Integer sums are exact, so the result does not
+// depend on the order of the additions: still batch-invariant.
 
-// A weight [n][k] (float32 or int8) packed as [ceil(n/64)][k][64], zero-padded.
 torch::Tensor pack_weight(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2, "weight must be 2-D");
   const int64_t n = w.size(0), k = w.size(1);
   const int64_t panels = (n + kPanel - 1) / kPanel;
   auto padded = torch::zeros({panels * kPanel, k}, w.options());
   padded.narrow(0, 0, n).copy_(w);
+  if (w.scalar_type() == torch::kChar) {
+    TORCH_CHECK(k % 2 == 0, "int8 weights need an even number of inputs, got ", k);
+    return padded.view({panels, kPanel, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+  }
   return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
 }
 
-// y[m, j] = scale[j] * sum_i x[m, i] * w[j, i] (+ bias[j]) for a packed w of n
-// real outputs. Parallel over panels; rows four at a time within a panel.
-template <typename W>
-void packed_linear(const float* xp, int64_t m, const W* wp, int64_t panels, int64_t k, int64_t n,
-                   const float* scale, const float* bias, float* yp) {
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+namespace {
+
+struct Weight {
+  const torch::Tensor& packed;  // float32 [panels][k][64] or int8 [panels][k/2][64][2]
+  const torch::Tensor& scale;   // [n] float32 for int8, else empty
+  int64_t n;                    // real output count
+
+  bool int8() const { return packed.scalar_type() == torch::kChar; }
+  int64_t panels() const { return packed.size(0); }
+  int64_t k() const { return int8() ? packed.size(1) * 2 : packed.size(1); }
+};
+
+// Writes rows r0..r0+rows-1 of one panel's outputs (out[r][c]) into y.
+template <typename T>
+inline void store_panel(const T* out, int64_t rows, int64_t r0, int64_t col0, int64_t n, const float* row_scale,
+                        const float* scale, const float* bias, float* yp) {
+  const int64_t cols = std::min(kPanel, n - col0);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = yp + (r0 + r) * n + col0;
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = static_cast<float>(out[r * kPanel + c]);
+      if (row_scale != nullptr) v *= row_scale[r0 + r];
+      if (scale != nullptr) v *= scale[col0 + c];
+      if (bias != nullptr) v += bias[col0 + c];
+      yr[c] = v;
+    }
+  }
+}
+
+// Parallel over panels; within a panel, rows four at a time, so each weight
+// vector loaded serves up to four rows. (Five to eight rows in one pass, 32
+// columns at a time or with more accumulators, measured no cheaper.)
+void float_linear(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
+  const int64_t k = w.k();
+  const float* wp = w.packed.data_ptr<float>();
+  at::parallel_for(0, w.panels(), 1, [&](int64_t begin, int64_t end) {
     float out[4 * kPanel];
     for (int64_t p = begin; p < end; ++p) {
-      const W* panel = wp + p * k * kPanel;
-      const int64_t col0 = p * kPanel, cols = std::min(kPanel, n - col0);
-      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+      const float* panel = wp + p * k * kPanel;
+      for (int64_t r0 = 0; r0 < m;) {
         const int64_t rows = std::min<int64_t>(4, m - r0);
         const float* xr = xp + r0 * k;
         switch (rows) {
@@ -142,50 +227,88 @@ void packed_linear(const float* xp, int64_t m, const W* wp, int64_t panels, int6
           case 2: panel_rows<2>(xr, k, panel, out); break;
           default: panel_rows<1>(xr, k, panel, out); break;
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* yr = yp + (r0 + r) * n + col0;
-          for (int64_t c = 0; c < cols; ++c) {
-            float v = out[r * kPanel + c];
-            if (scale != nullptr) v *= scale[col0 + c];
-            if (bias != nullptr) v += bias[col0 + c];
-            yr[c] = v;
-          }
-        }
+        store_panel(out, rows, r0, p * kPanel, w.n, nullptr, nullptr, bias, yp);
+        r0 += rows;
       }
     }
   });
 }
 
-struct Weight {
-  const torch::Tensor& packed;  // [panels][k][64], float32 or int8
-  const torch::Tensor& scale;   // [n] float32 for int8, else empty
-  int64_t n;                    // real output count
-};
+// x row -> int16 pairs and the row's scale, x ~= xq * scale. The scale keeps
+// |xq| <= 32767 and 127 * sum|xq| < 2^31, the largest int32 sum possible
+// against int8 weights.
+void quantize_row(const float* x, int64_t k, int32_t* pairs, float* scale) {
+  float amax = 0.f, l1 = 0.f;
+  for (int64_t i = 0; i < k; ++i) {
+    amax = std::max(amax, std::fabs(x[i]));
+    l1 += std::fabs(x[i]);
+  }
+  const float budget = 0.99f * (2147483647.0f / 127.0f - static_cast<float>(k));  // rounding adds <= k/2
+  float s = std::max(amax / 32767.0f, l1 / budget);
+  if (!(s > 0.f) || !std::isfinite(s)) s = 1.0f;  // all zeros (or garbage in: let it show downstream)
+  const float inv = 1.0f / s;
+  int16_t* q = reinterpret_cast<int16_t*>(pairs);
+  for (int64_t i = 0; i < k; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    q[i] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, v)));
+  }
+  *scale = s;
+}
+
+void int8_linear(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
+  const int64_t k = w.k(), kp = k / 2;
+  std::vector<int32_t> xq(m * kp);
+  std::vector<float> xs(m);
+  for (int64_t r = 0; r < m; ++r) quantize_row(xp + r * k, k, xq.data() + r * kp, xs.data() + r);
+  const int8_t* wp = w.packed.data_ptr<int8_t>();
+  const float* scale = w.scale.data_ptr<float>();
+  at::parallel_for(0, w.panels(), 1, [&](int64_t begin, int64_t end) {
+    int32_t out[4 * kPanel];
+    for (int64_t p = begin; p < end; ++p) {
+      const int8_t* panel = wp + p * k * kPanel;
+      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, m - r0);
+        const int32_t* xr = xq.data() + r0 * kp;
+        switch (rows) {
+          case 4: panel_rows_int8<4>(xr, kp, panel, out); break;
+          case 3: panel_rows_int8<3>(xr, kp, panel, out); break;
+          case 2: panel_rows_int8<2>(xr, kp, panel, out); break;
+          default: panel_rows_int8<1>(xr, kp, panel, out); break;
+        }
+        store_panel(out, rows, r0, p * kPanel, w.n, xs.data(), scale, bias, yp);
+      }
+    }
+  });
+}
 
 void linear_into(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
-  const int64_t panels = w.packed.size(0), k = w.packed.size(1);
-  if (w.packed.scalar_type() == torch::kFloat) {
-    packed_linear(xp, m, w.packed.data_ptr<float>(), panels, k, w.n, nullptr, bias, yp);
+  if (w.int8()) {
+    int8_linear(xp, m, w, bias, yp);
   } else {
-    packed_linear(xp, m, w.packed.data_ptr<int8_t>(), panels, k, w.n, w.scale.data_ptr<float>(), bias, yp);
+    float_linear(xp, m, w, bias, yp);
   }
 }
 
 void check_weight(const torch::Tensor& w, const torch::Tensor& scale, int64_t n) {
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == kPanel && w.is_contiguous(), "weight must be packed by pack_weight");
+  TORCH_CHECK(w.is_contiguous() && ((w.scalar_type() == torch::kFloat && w.dim() == 3 && w.size(2) == kPanel) ||
+                                    (w.scalar_type() == torch::kChar && w.dim() == 4 && w.size(2) == kPanel &&
+                                     w.size(3) == 2)),
+              "weight must be float32 or int8, packed by pack_weight");
   TORCH_CHECK(w.size(0) * kPanel >= n && n > (w.size(0) - 1) * kPanel, "output count does not match the packing");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kChar, "weight must be float32 or int8");
   if (w.scalar_type() == torch::kChar) {
     TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == torch::kFloat && scale.numel() == n,
                 "int8 weight needs a float32 scale per output");
   }
 }
 
+}  // namespace
+
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t n) {
   check_weight(packed, scale, n);
-  check_rows(x, packed.size(1));
+  const Weight w{packed, scale, n};
+  check_rows(x, w.k());
   auto y = torch::empty({x.size(0), n}, x.options());
-  linear_into(x.data_ptr<float>(), x.size(0), Weight{packed, scale, n}, nullptr, y.data_ptr<float>());
+  linear_into(x.data_ptr<float>(), x.size(0), w, nullptr, y.data_ptr<float>());
   return y;
 }
 
@@ -286,7 +409,9 @@ void block_forward(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv_w
   check_weight(o_w, o_s, hidden);
   check_weight(gu_w, gu_s, 2 * inter);
   check_weight(down_w, down_s, hidden);
-  TORCH_CHECK(qkv_w.size(1) == hidden && o_w.size(1) == q_size && gu_w.size(1) == hidden && down_w.size(1) == inter,
+  const Weight qkv_lin{qkv_w, qkv_s, qkv_size}, o_lin{o_w, o_s, hidden};
+  const Weight gu_lin{gu_w, gu_s, 2 * inter}, down_lin{down_w, down_s, hidden};
+  TORCH_CHECK(qkv_lin.k() == hidden && o_lin.k() == q_size && gu_lin.k() == hidden && down_lin.k() == inter,
               "block weights do not match the hidden size");
   TORCH_CHECK(start + n <= capacity, "forward past the cache capacity");
   float* xp = x.data_ptr<float>();
@@ -295,7 +420,7 @@ void block_forward(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv_w
   std::vector<float> proj(n * hidden), gu(n * 2 * inter), act(n * inter);
 
   rms_norm_into(xp, n, hidden, attn_norm.data_ptr<float>(), static_cast<float>(eps), h.data());
-  linear_into(h.data(), n, Weight{qkv_w, qkv_s, qkv_size}, qkv_b.numel() ? qkv_b.data_ptr<float>() : nullptr,
+  linear_into(h.data(), n, qkv_lin, qkv_b.numel() ? qkv_b.data_ptr<float>() : nullptr,
               qkv.data());
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
@@ -313,17 +438,17 @@ void block_forward(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv_w
     }
   }
   attention_into(q.data(), n, heads, d, k_cache, v_cache, start, attn.data());
-  linear_into(attn.data(), n, Weight{o_w, o_s, hidden}, nullptr, proj.data());
+  linear_into(attn.data(), n, o_lin, nullptr, proj.data());
   for (int64_t i = 0; i < n * hidden; ++i) xp[i] += proj[i];
 
   rms_norm_into(xp, n, hidden, mlp_norm.data_ptr<float>(), static_cast<float>(eps), h.data());
-  linear_into(h.data(), n, Weight{gu_w, gu_s, 2 * inter}, nullptr, gu.data());
+  linear_into(h.data(), n, gu_lin, nullptr, gu.data());
   for (int64_t r = 0; r < n; ++r) {
     const float* g = gu.data() + r * 2 * inter;
     const float* u = g + inter;
     for (int64_t c = 0; c < inter; ++c) act[r * inter + c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
   }
-  linear_into(act.data(), n, Weight{down_w, down_s, hidden}, nullptr, proj.data());
+  linear_into(act.data(), n, down_lin, nullptr, proj.data());
   for (int64_t i = 0; i < n * hidden; ++i) xp[i] += proj[i];
 }
 
