@@ -52,7 +52,7 @@ try:
 except ImportError:  # Windows: no getrusage; peak memory and CPU shares are left out
     resource = None  # type: ignore[assignment]
 
-from .engine import Generation
+from .engine import Generation, measure_forward_costs
 from .sampling import SamplingParams
 from .stats import AcceptanceTracker, best_k, expected_speedup, expected_tokens_per_round
 
@@ -453,8 +453,7 @@ def _run_engine(models, config, prompt, max_new_tokens, seed, options, tracker) 
         assert tracker is not None, "auto-k needs an AcceptanceTracker"
         k = tracker.choose_k()
         k_choice = f"auto (a={tracker.acceptance_rate:.3f}, c={tracker.cost_ratio:.3f}"
-        if hasattr(tracker, "verify_slope"):
-            k_choice += f", verify +{tracker.verify_slope:.3f} step/token"
+        k_choice += f", verify +{tracker.verify_slope:.3f} step/token"
         k_choice += ")"
     mode = "standard" if config.mode == "standard" else "speculative"
     device = models.target.device
@@ -837,14 +836,14 @@ def bench(
 
 def calibrated_tracker(models: Models, ids: Sequence[int], new_tokens: int = 32) -> AcceptanceTracker:
     """An AcceptanceTracker seeded as ChatService.calibrate seeds the UI's: the costs of a
-    standard run, then of a greedy K=4 speculative probe whose acceptance becomes the prior."""
+    standard run, the forward-cost table (1..17 tokens, draft steps), then a greedy K=4
+    speculative probe whose acceptance becomes the prior."""
     tracker = AcceptanceTracker()
-    if not hasattr(tracker, "record_costs"):  # an older tracker learns from turns only
-        return tracker
     Generation(models.target, None, ids, mode="standard", max_new_tokens=4, record_baseline=False).run()
     standard = Generation(models.target, None, ids, mode="standard", max_new_tokens=new_tokens, record_baseline=False)
     standard.run()
     tracker.record_costs(standard.stats)
+    tracker.record_calibration(*measure_forward_costs(models.target, models.draft, ids, 17))
     probe = Generation(models.target, models.draft, ids, mode="speculative", k=4, max_new_tokens=new_tokens, record_baseline=False)
     probe.run()
     tracker.record_costs(probe.stats)

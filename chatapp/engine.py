@@ -42,7 +42,8 @@ class Token:
     source: str
 
 
-def _clock(device: torch.device) -> float:
+def clock(device: torch.device) -> float:
+    """Seconds, after the device has finished what was queued on it."""
     # CUDA launches are asynchronous: time only what has actually run.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,14 +175,14 @@ class Generation:
         self._generator = new_generator(self.seed, device)
         self._ids = list(self.prompt_ids)
         capacity = min(self.max_positions, len(self._ids) + self.max_new_tokens + self.k + 1)
-        start = _clock(device)
+        start = clock(device)
         try:
             self._target_cache = self.target.new_cache(capacity)
             self._target_len = self._prefill(self.target, self._target_cache)
             if self.draft is not None:
                 self._draft_cache = self.draft.new_cache(capacity)
                 self._draft_len = self._prefill(self.draft, self._draft_cache)
-            self.stats.prefill_s = _clock(device) - start
+            self.stats.prefill_s = clock(device) - start
             while not self.stats.stop_reason:
                 if self._stop_requested:
                     self.stats.stop_reason = "stopped"
@@ -199,13 +200,13 @@ class Generation:
                     self.stats.stop_reason = "max_new_tokens"
                 elif len(self._ids) >= self.max_positions:
                     self.stats.stop_reason = "context"
-                self.stats.wall_s = _clock(device) - start
+                self.stats.wall_s = clock(device) - start
                 yield emitted
         except GeneratorExit:
             self.stats.stop_reason = self.stats.stop_reason or "stopped"
             raise
         finally:
-            self.stats.wall_s = _clock(device) - start
+            self.stats.wall_s = clock(device) - start
             # Free what the turn held: caches can be hundreds of MB.
             self._target_cache = self._draft_cache = None
             if (
@@ -230,11 +231,11 @@ class Generation:
 
     def _target_step(self) -> list[Token]:
         """Standard decoding: one target forward on the last token."""
-        t0 = _clock(self.target.device)
+        t0 = clock(self.target.device)
         logits = self.target.forward(self._ids[self._target_len :], self._target_len, self._target_cache)
         token, _ = self._choose(logits[-1, : self._vocab])
         self.stats.target_forwards += 1
-        self.stats.target_s += _clock(self.target.device) - t0
+        self.stats.target_s += clock(self.target.device) - t0
         return [Token(token, "standard")]
 
     def _speculative_round(self, k: int) -> list[Token]:
@@ -245,7 +246,7 @@ class Generation:
 
         # Draft proposes k tokens. Its pending input is 1 token, or 2 after a
         # round that ended with a bonus (the last draft token was never fed).
-        t0 = _clock(self.draft.device)
+        t0 = clock(self.draft.device)
         # Sampling and acceptance happen on the target's device, with one generator.
         logits = self.draft.forward(self._ids[self._draft_len :], self._draft_len, self._draft_cache)[-1].to(p_device)
         proposals: list[int] = []
@@ -261,7 +262,7 @@ class Generation:
         self._draft_len = n + k - 1
 
         # Target scores the pending token and all k proposals in one forward.
-        t1 = _clock(self.target.device)
+        t1 = clock(self.target.device)
         target_logits = self.target.forward(
             self._ids[self._target_len :] + proposals, self._target_len, self._target_cache
         )[-(k + 1) :, :vocab]
@@ -276,7 +277,7 @@ class Generation:
         else:
             p = logits_to_probs(target_logits, self.sampling)
             accepted, final = speculative_accept(p, torch.stack(draft_probs), proposals, self._generator)
-        self.stats.target_s += _clock(self.target.device) - t1
+        self.stats.target_s += clock(self.target.device) - t1
         self.stats.draft_s += t1 - t0
         self.stats.rounds += 1
         self.stats.drafted += k
@@ -305,6 +306,37 @@ class Generation:
         if self.draft is not None:
             self._draft_len = min(self._draft_len, len(self._ids) - 1)
         return emitted
+
+
+def measure_forward_costs(
+    target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[int], max_tokens: int, *, reps: int = 3,
+    budget_s: float = 5.0,
+) -> tuple[dict[int, list[float]], list[float]]:
+    """Seconds of target forwards over 1..max_tokens tokens, and of 1-token
+    draft steps, at the end of a prefilled prompt: the costs a speculative
+    round pays, for choosing K. Sizes are interleaved across repetitions so
+    drift hits them alike; past `budget_s` only the 1-token step is timed."""
+    n0 = len(prompt_ids)
+    target_cache, draft_cache = target.new_cache(n0 + max_tokens), draft.new_cache(n0 + 1)
+    target.forward(list(prompt_ids), 0, target_cache, logits=False)
+    draft.forward(list(prompt_ids), 0, draft_cache, logits=False)
+    token = int(prompt_ids[-1])  # the content does not change the cost
+    target.forward([token], n0, target_cache)  # warm-up
+    draft.forward([token], n0, draft_cache)
+    forwards: dict[int, list[float]] = {}
+    draft_steps: list[float] = []
+    deadline = clock(target.device) + budget_s
+    for _ in range(reps):
+        for n in range(1, max_tokens + 1):
+            t0 = clock(target.device)
+            if n > 1 and t0 > deadline:
+                break
+            target.forward([token] * n, n0, target_cache)
+            forwards.setdefault(n, []).append(clock(target.device) - t0)
+        t0 = clock(draft.device)
+        draft.forward([token], n0, draft_cache)
+        draft_steps.append(clock(draft.device) - t0)
+    return forwards, draft_steps
 
 
 def generate(target: DecoderLM, draft: DecoderLM | None, prompt_ids: Sequence[int], **kwargs) -> Generation:

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .chat import StreamDecoder, build_prompt
-from .engine import Generation, Token
+from .engine import Generation, Token, measure_forward_costs
 from .models import ModelPair, stop_token_ids
 from .sampling import SamplingParams
 from .settings import DecodingSettings
 from .stats import AcceptanceTracker, Baseline, TurnStats
 
 CALIBRATION_PROMPT = "Write a short paragraph about the history of the bicycle."
+MAX_K = 16  # the largest K auto K may choose (settings allow 1..16)
 
 
 @dataclass
@@ -92,7 +93,10 @@ class ChatService:
             run.run()
         self.baseline.record(run.stats.tokens_per_s, f"calibration at load ({run.stats.new_tokens} tokens)")
         self.tracker.record_costs(run.stats)
-        # One speculative run seeds auto K with this machine's draft and verify costs.
+        # Auto K's cost table: target forwards of 1..17 tokens and draft steps.
+        with self.lock:
+            self.tracker.record_calibration(*measure_forward_costs(self.pair.target, self.pair.draft, ids, MAX_K + 1))
+        # One speculative run measures this pair's acceptance, the prior until real turns come in.
         with self.lock:
             probe = Generation(
                 self.pair.target, self.pair.draft, ids, mode="speculative", k=4, max_new_tokens=new_tokens
@@ -113,7 +117,7 @@ class ChatService:
         prompt = build_prompt(self.tokenizer, history, system or None, self.context - reserve)
         k, k_choice = decoding.k, "fixed"
         if decoding.auto_k and decoding.mode == "speculative":
-            k = self.tracker.choose_k()
+            k = self.tracker.choose_k(MAX_K)
             k_choice = (
                 f"auto (a={self.tracker.acceptance_rate:.2f}, c={self.tracker.cost_ratio:.2f}, "
                 f"verify +{self.tracker.verify_slope:.2f} step/token)"

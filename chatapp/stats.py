@@ -149,13 +149,18 @@ class AcceptanceTracker:
 
     Auto K maximises E(a, K) / (K c + v(K)), the speedup of the literature's
     formula with the verify cost measured rather than assumed: c = draft step
-    / target step, v(K) = cost of verifying K+1 tokens in target steps, a
-    line through the 1-token step fitted to the verify costs seen so far.
+    / target step, v(K) = cost of one target forward over K+1 tokens in
+    target steps. v comes from a table of measured forward times per token
+    count (a calibration at load, refreshed by every speculative turn):
+    verify costs are not a line on CPU kernels that take rows four at a time.
+    Between measured sizes v is interpolated; past the largest it grows by
+    the fitted slope per token.
     """
 
     PRIOR_RATE = 0.7
     PRIOR_COST_RATIO = 0.3
     PRIOR_VERIFY_SLOPE = 0.05  # extra target steps per extra verified token
+    WINDOW = 8  # recent measurements kept per forward size
 
     def __init__(self):
         self.prior_rate = self.PRIOR_RATE
@@ -166,8 +171,7 @@ class AcceptanceTracker:
         self.draft_forwards = 0
         self.verify_s = 0.0
         self.verify_forwards = 0
-        self._target_steps: list[float] = []  # 1-token target forwards (standard turns)
-        self._verify_points: list[tuple[int, float]] = []  # (tokens verified, seconds)
+        self._forward_s: dict[int, list[float]] = {}  # tokens in one target forward -> recent seconds
 
     def record(self, stats: TurnStats) -> None:
         """A finished turn: its acceptance counts and its step costs."""
@@ -181,14 +185,28 @@ class AcceptanceTracker:
         """Only the step costs of a turn (e.g. a calibration run)."""
         if stats.mode == "standard":
             if stats.target_forwards:
-                self._target_steps = (self._target_steps + [stats.target_s / stats.target_forwards])[-8:]
+                self.record_forward(1, stats.target_s / stats.target_forwards)
             return
         self.draft_s += stats.draft_s
         self.draft_forwards += stats.draft_forwards
         self.verify_s += stats.target_s
         self.verify_forwards += stats.target_forwards
         if stats.target_forwards:
-            self._verify_points = (self._verify_points + [(stats.k + 1, stats.target_s / stats.target_forwards)])[-32:]
+            self.record_forward(stats.k + 1, stats.target_s / stats.target_forwards)
+
+    def record_forward(self, tokens: int, seconds: float) -> None:
+        """One measured target forward over `tokens` tokens (or a turn's mean)."""
+        if tokens >= 1 and seconds > 0:
+            self._forward_s[tokens] = (self._forward_s.get(tokens, []) + [seconds])[-self.WINDOW :]
+
+    def record_calibration(self, forwards: dict[int, list[float]], draft_steps: list[float]) -> None:
+        """Measured target forward times per token count and 1-token draft steps
+        (engine.measure_forward_costs)."""
+        for tokens, times in forwards.items():
+            for seconds in times:
+                self.record_forward(tokens, seconds)
+        self.draft_s += sum(draft_steps)
+        self.draft_forwards += len(draft_steps)
 
     @property
     def acceptance_rate(self) -> float:
@@ -197,7 +215,8 @@ class AcceptanceTracker:
 
     @property
     def target_step_s(self) -> float | None:
-        return statistics.median(self._target_steps) if self._target_steps else None
+        times = self._forward_s.get(1)
+        return statistics.median(times) if times else None
 
     @property
     def cost_ratio(self) -> float:
@@ -208,17 +227,37 @@ class AcceptanceTracker:
         reference = self.target_step_s or (self.verify_s / self.verify_forwards)
         return (self.draft_s / self.draft_forwards) / reference
 
+    def _measured_ratios(self) -> dict[int, float]:
+        """Tokens -> median forward time in target steps, for the sizes measured."""
+        step = self.target_step_s
+        if not step:
+            return {}
+        return {n: statistics.median(times) / step for n, times in sorted(self._forward_s.items())}
+
     @property
     def verify_slope(self) -> float:
-        """Extra target steps per extra verified token, fitted through (1, 1)."""
-        step = self.target_step_s
-        points = [(rows - 1, seconds / step - 1.0) for rows, seconds in self._verify_points if rows > 1] if step else []
+        """Extra target steps per extra verified token, a line through (1, 1)
+        fitted to the measured sizes (the summary shown to the user, and the
+        growth past the largest size measured)."""
+        points = [(n - 1, r - 1.0) for n, r in self._measured_ratios().items() if n > 1]
         if not points:
             return self.PRIOR_VERIFY_SLOPE
         return max(0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points))
 
     def verify_ratio(self, k: int) -> float:
-        return 1.0 + self.verify_slope * k
+        """v(K): the cost of verifying K+1 tokens, in target steps."""
+        n = k + 1
+        ratios = self._measured_ratios()
+        ratios.setdefault(1, 1.0)
+        if n in ratios:
+            return ratios[n]
+        below = max(m for m in ratios if m < n)
+        above = [m for m in ratios if m > n]
+        if above:
+            hi = min(above)
+            t = (n - below) / (hi - below)
+            return ratios[below] + t * (ratios[hi] - ratios[below])
+        return ratios[below] + self.verify_slope * (n - below)
 
     def expected_speedup(self, k: int) -> float:
         a = min(self.acceptance_rate, 0.99)  # a perfect streak must not pin K at the maximum

@@ -603,3 +603,41 @@ def test_auto_k_uses_measured_costs():
     # A verify that costs a full step per extra token makes small K best.
     tracker.record(_turn("speculative", 8, accepted=8, rejected=0, rounds=1, draft_ms=9.0, verify_ms=30.0 * 9, forwards=1))
     assert tracker.choose_k() < k
+
+
+def test_verify_cost_table_interpolates_and_extrapolates():
+    from chatapp.stats import AcceptanceTracker
+
+    tracker = AcceptanceTracker()
+    for tokens, ms in [(1, 30.0), (4, 30.0), (5, 40.0), (8, 40.0)]:
+        tracker.record_forward(tokens, ms / 1000)
+    assert tracker.verify_ratio(3) == pytest.approx(1.0)  # measured: 4 tokens
+    assert tracker.verify_ratio(1) == pytest.approx(1.0)  # between 1 and 4 tokens
+    assert tracker.verify_ratio(5) == pytest.approx(4 / 3)  # between 5 and 8 tokens
+    slope = tracker.verify_slope
+    assert slope > 0
+    assert tracker.verify_ratio(10) == pytest.approx(4 / 3 + 3 * slope)  # past 8 tokens
+
+
+def test_auto_k_follows_a_step_shaped_verify_cost():
+    from chatapp.stats import AcceptanceTracker, expected_speedup_with_costs
+
+    # Up to 4 tokens a forward costs one step, from 5 tokens two: the kink of
+    # kernels that take rows four at a time, which no line through (1, 1) fits.
+    tracker = AcceptanceTracker()
+    tracker.prior_rate = 0.9
+    forwards = {n: [0.030 if n <= 4 else 0.060] for n in range(1, 18)}
+    tracker.record_calibration(forwards, draft_steps=[0.003] * 4)
+    assert tracker.cost_ratio == pytest.approx(0.1)
+    table = {k: expected_speedup_with_costs(0.9, k, 0.1, 1.0 if k + 1 <= 4 else 2.0) for k in range(1, 17)}
+    assert tracker.choose_k() == max(table, key=table.get) == 3
+
+
+def test_measure_forward_costs(chat_models):
+    forwards, draft_steps = engine.measure_forward_costs(chat_models.target, chat_models.draft, PROMPT, 6, reps=2)
+    assert sorted(forwards) == [1, 2, 3, 4, 5, 6]
+    assert all(len(times) == 2 and min(times) > 0 for times in forwards.values())
+    assert len(draft_steps) == 2 and min(draft_steps) > 0
+    # Out of time budget, only the 1-token step is still timed.
+    forwards, _ = engine.measure_forward_costs(chat_models.target, chat_models.draft, PROMPT, 6, reps=2, budget_s=0.0)
+    assert sorted(forwards) == [1] and len(forwards[1]) == 2
