@@ -6,7 +6,9 @@ Every user error ends as one line on stderr and exit status 2; no tracebacks.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import platform
 import sys
 import time
 
@@ -184,7 +186,24 @@ def cmd_prepare(args) -> int:
 COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "prepare": cmd_prepare}
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to reuse freed blocks up to 32 MB instead of returning
+    them to the system. Its default maps each block over 128 KB afresh (a
+    logits tensor of a few rows over a 49k vocabulary) and pays the page
+    faults every time: a 5-row softmax took 0.8-0.9 ms instead of 0.15 ms.
+    Whole-process setting, so only the app's entry point calls it."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["serve", *argv]

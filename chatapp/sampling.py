@@ -32,6 +32,22 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens while the mass before each is below top_p
+    (so the most likely token always survives); renormalize."""
+    vocab = probs.shape[-1]
+    k = min(vocab, 64)
+    while True:  # a partial sort: the cut almost always lies in the top few dozen
+        top, order = torch.topk(probs, k, dim=-1)
+        before = torch.cumsum(top, dim=-1) - top
+        if k == vocab or bool((before[..., -1] >= top_p).all()):
+            break  # every token past the top k has even more mass before it
+        k = min(vocab, k * 8)
+    top = top.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, top)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[n, V] logits -> [n, V] float32 probabilities after temperature, top-k, top-p."""
     logits = logits.float() / params.temperature
@@ -41,19 +57,19 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Mass strictly before each token; a token is kept while that mass is
-        # below top_p, so the most likely token always survives.
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = _top_p(probs, params.top_p)
     return probs
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token id from a [V] distribution."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """One token id from a [V] distribution, by inverting its CDF with one
+    uniform draw (torch.multinomial took ~1 ms on a 49k vocabulary on CPU)."""
+    cdf = torch.cumsum(probs, dim=0, dtype=torch.float64)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[-1]
+    index = int(torch.searchsorted(cdf, u, right=True))
+    if index >= probs.shape[0]:  # u rounded up to the total: the last token with mass
+        index = int(torch.nonzero(probs).max())
+    return index
 
 
 def new_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -378,3 +378,13 @@ def test_deadline_keeps_at_least_two_prompts_and_lists_the_rest(tiny):
     assert {r["prompt_id"] for r in result["runs"]} == {"p0", "p1"}
     assert result["skipped_prompts"] == ["p2 (repeat 0)", "p3 (repeat 0)"]
     assert len(result["runs"]) == 2 * 2
+
+
+def test_the_app_keeps_freed_memory_for_reuse():
+    import platform
+
+    from chatapp.cli import keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert keep_freed_memory()

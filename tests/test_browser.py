@@ -1,10 +1,13 @@
 """The UI in headless Chromium (Debian's package; `make test` installs it):
 send a message, see the streamed reply, its stats and the token view, survive
-a reload. Saves artifacts/browser-chat.png, and docs/screenshot.png when
-SPECCHAT_UPDATE_SCREENSHOT=1."""
+a reload; once with a scripted fake service, once with the real embedded pair.
+Saves artifacts/browser-chat.png and artifacts/browser-real.png; with
+SPECCHAT_UPDATE_SCREENSHOT=1 the real one becomes the README's
+docs/screenshot.png."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatapp import ui
-from chatapp.settings import DEFAULT_SETTINGS_PATH, load_settings
+from chatapp.settings import DEFAULT_SETTINGS_PATH, load_settings, with_overrides
 from fake_engine import FakeService
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
@@ -33,12 +36,12 @@ def _chromium() -> str:
     return path
 
 
-@pytest.fixture
-def page():
+@contextlib.contextmanager
+def _served_page(service, settings):
+    """A Chromium page on the app serving `service`, on 127.0.0.1; all stopped after."""
     executable = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    service = FakeService(delay=0.03)
-    demo = ui.build_app(service, load_settings(DEFAULT_SETTINGS_PATH, env={}))
+    demo = ui.build_app(service, settings)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -55,6 +58,12 @@ def page():
                 browser.close()
     finally:
         demo.close()
+
+
+@pytest.fixture
+def page():
+    with _served_page(FakeService(delay=0.03), load_settings(DEFAULT_SETTINGS_PATH, env={})) as page:
+        yield page
 
 
 def _wait_text(page, selector: str, text: str, absent: str | None = None) -> None:
@@ -94,12 +103,7 @@ def test_chat_in_the_browser(page):
     assert "Speculative" in tokens.inner_text() and "draft" in tokens.inner_text()
     assert box.input_value() == ""
 
-    out = ROOT / "artifacts" / "browser-chat.png"
-    out.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(out), full_page=True)
-    if os.environ.get("SPECCHAT_UPDATE_SCREENSHOT") == "1":
-        (ROOT / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(out, ROOT / "docs" / "screenshot.png")
+    _screenshot(page, "browser-chat.png")
 
     # The Stats tab draws its plots when opened.
     page.get_by_role("tab", name="Stats").click()
@@ -111,3 +115,33 @@ def test_chat_in_the_browser(page):
     page.reload()
     _wait_text(page, "#chatbot", "identical to the target")
     _wait_text(page, "#turn-stats", "acceptance")
+
+
+def _screenshot(page, name: str) -> Path:
+    out = ROOT / "artifacts" / name
+    out.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(out), full_page=True)
+    return out
+
+
+@pytest.mark.slow
+def test_real_model_in_the_browser():
+    from chatapp.models import load_pair
+    from chatapp.service import ChatService
+
+    _chromium()  # skip before loading anything when there is no browser
+    settings = with_overrides(load_settings(DEFAULT_SETTINGS_PATH, env={}), {"decoding.max_new_tokens": 96})
+    service = ChatService(load_pair(settings.model, progress=lambda message: None))
+    service.calibrate()
+    with _served_page(service, settings) as page:
+        box = page.locator("#chat-input textarea")
+        box.fill("Give me three tips for writing clear Python code.")
+        box.press("Enter")
+        _reply_done(page)
+        text = page.locator("#turn-stats").inner_text()
+        for part in ("speculative", "acceptance", "tok/s", "vs standard decoding", "calibration at load", "int16"):
+            assert part in text, (part, text)
+        assert page.locator("#token-view").is_visible()
+        out = _screenshot(page, "browser-real.png")
+    if os.environ.get("SPECCHAT_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(out, ROOT / "docs" / "screenshot.png")
