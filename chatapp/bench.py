@@ -52,7 +52,7 @@ try:
 except ImportError:  # Windows: no getrusage; peak memory and CPU shares are left out
     resource = None  # type: ignore[assignment]
 
-from .engine import Generation, measure_forward_costs
+from .engine import Generation, clock
 from .sampling import SamplingParams
 from .stats import AcceptanceTracker, best_k, expected_speedup, expected_tokens_per_round
 
@@ -412,12 +412,6 @@ def rotated(items: Sequence, shift: int) -> list:
     return list(items[shift:]) + list(items[:shift])
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def run_config(
     models: Models,
     config: Config,
@@ -457,14 +451,14 @@ def _run_engine(models, config, prompt, max_new_tokens, seed, options, tracker) 
         k_choice += ")"
     mode = "standard" if config.mode == "standard" else "speculative"
     device = models.target.device
-    start = _now(device)
+    start = clock(device)
     generation = Generation(
         models.target, models.draft if mode == "speculative" else None, prompt.ids,
         mode=mode, k=max(k, 1), sampling=SamplingParams(config.temperature, options.top_k, options.top_p),
         max_new_tokens=max_new_tokens, stop_ids=models.stop_ids, seed=seed, baseline=None, record_baseline=False,
     )  # fmt: skip
     generation.run()
-    wall = _now(device) - start
+    wall = clock(device) - start
     if tracker is not None:
         tracker.record(generation.stats)
     s = generation.stats
@@ -476,7 +470,7 @@ def _run_engine(models, config, prompt, max_new_tokens, seed, options, tracker) 
         "acceptance_rate": s.acceptance_rate, "mean_accepted_per_round": s.mean_accepted_per_round,
         "draft_step_s": s.draft_step_s, "verify_step_s": s.verify_step_s,
         "target_forwards": s.target_forwards, "draft_forwards": s.draft_forwards,
-        "rejected": getattr(s, "rejected", None), "drafted_kept": s.accepted / s.drafted if s.drafted else None,
+        "rejected": s.rejected, "drafted_kept": s.drafted_kept,
         "stop_reason": s.stop_reason, "token_ids": generation.token_ids,
     }  # fmt: skip
 
@@ -506,10 +500,10 @@ def _run_hf(models, config, prompt, max_new_tokens, seed, options) -> dict:
             raise ValueError("hf-assisted needs a transformers assistant model")
         kwargs["assistant_model"] = models.hf_draft
     torch.manual_seed(seed)
-    start = _now(device)
+    start = clock(device)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    wall = _now(device) - start
+    wall = clock(device) - start
     new = out[0, ids.shape[1] :].tolist()
     return {"new_tokens": len(new), "wall_s": wall, "token_ids": new, "k_choice": None}
 
@@ -522,9 +516,9 @@ def _median_time(fn: Callable[[], Any], reps: int, device: torch.device, warmup:
         fn()
     times = []
     for _ in range(reps):
-        start = _now(device)
+        start = clock(device)
         fn()
-        times.append(_now(device) - start)
+        times.append(clock(device) - start)
     return statistics.median(times)
 
 
@@ -582,9 +576,9 @@ def _interleaved_times(jobs: dict[str, Callable[[], Any]], reps: int, device: to
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(reps):
         for name, fn in jobs.items():
-            start = _now(device)
+            start = clock(device)
             fn()
-            times[name].append(_now(device) - start)
+            times[name].append(clock(device) - start)
     return times
 
 
@@ -835,20 +829,11 @@ def bench(
 
 
 def calibrated_tracker(models: Models, ids: Sequence[int], new_tokens: int = 32) -> AcceptanceTracker:
-    """An AcceptanceTracker seeded as ChatService.calibrate seeds the UI's: the costs of a
-    standard run, the forward-cost table (1..17 tokens, draft steps), then a greedy K=4
-    speculative probe whose acceptance becomes the prior."""
+    """An AcceptanceTracker seeded as ChatService.calibrate seeds the UI's (service.calibrate_tracker)."""
+    from .service import calibrate_tracker
+
     tracker = AcceptanceTracker()
-    Generation(models.target, None, ids, mode="standard", max_new_tokens=4, record_baseline=False).run()
-    standard = Generation(models.target, None, ids, mode="standard", max_new_tokens=new_tokens, record_baseline=False)
-    standard.run()
-    tracker.record_costs(standard.stats)
-    tracker.record_calibration(*measure_forward_costs(models.target, models.draft, ids, 17))
-    probe = Generation(models.target, models.draft, ids, mode="speculative", k=4, max_new_tokens=new_tokens, record_baseline=False)
-    probe.run()
-    tracker.record_costs(probe.stats)
-    if probe.stats.acceptance_rate is not None:
-        tracker.prior_rate = probe.stats.acceptance_rate
+    calibrate_tracker(tracker, models.target, models.draft, list(ids), new_tokens)
     return tracker
 
 

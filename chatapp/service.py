@@ -66,6 +66,24 @@ class Turn:
         self.generation.stop()
 
 
+def calibrate_tracker(tracker: AcceptanceTracker, target, draft, ids: list[int], new_tokens: int = 32) -> TurnStats:
+    """Seed auto K's tracker on this machine: a standard run (its stats are
+    returned: their rate is the speedup baseline), the forward-cost table
+    (target forwards of 1..MAX_K+1 tokens, draft steps), then a greedy K=4
+    probe whose acceptance is the prior until real turns come in."""
+    Generation(target, None, ids, mode="standard", max_new_tokens=4).run()  # warm-up
+    standard = Generation(target, None, ids, mode="standard", max_new_tokens=new_tokens)
+    standard.run()
+    tracker.record_costs(standard.stats)
+    tracker.record_calibration(*measure_forward_costs(target, draft, ids, MAX_K + 1))
+    probe = Generation(target, draft, ids, mode="speculative", k=4, max_new_tokens=new_tokens)
+    probe.run()
+    tracker.record_costs(probe.stats)
+    if probe.stats.acceptance_rate is not None:
+        tracker.prior_rate = probe.stats.acceptance_rate
+    return standard.stats
+
+
 class ChatService:
     def __init__(self, pair: ModelPair):
         self.pair = pair
@@ -81,30 +99,14 @@ class ChatService:
         return min(self.pair.target.max_positions, self.pair.draft.max_positions)
 
     def calibrate(self, new_tokens: int = 32) -> float | None:
-        """Measure standard decoding on this machine for the speedup baseline."""
+        """Measure standard decoding on this machine for the speedup baseline,
+        and seed auto K's costs and acceptance."""
         ids = build_prompt(
             self.tokenizer, [{"role": "user", "content": CALIBRATION_PROMPT}], None, self.context
         ).ids
         with self.lock:
-            Generation(self.pair.target, None, ids, mode="standard", max_new_tokens=4).run()  # warm-up
-            run = Generation(
-                self.pair.target, None, ids, mode="standard", max_new_tokens=new_tokens, baseline=None
-            )
-            run.run()
-        self.baseline.record(run.stats.tokens_per_s, f"calibration at load ({run.stats.new_tokens} tokens)")
-        self.tracker.record_costs(run.stats)
-        # Auto K's cost table: target forwards of 1..17 tokens and draft steps.
-        with self.lock:
-            self.tracker.record_calibration(*measure_forward_costs(self.pair.target, self.pair.draft, ids, MAX_K + 1))
-        # One speculative run measures this pair's acceptance, the prior until real turns come in.
-        with self.lock:
-            probe = Generation(
-                self.pair.target, self.pair.draft, ids, mode="speculative", k=4, max_new_tokens=new_tokens
-            )
-            probe.run()
-        self.tracker.record_costs(probe.stats)
-        if probe.stats.acceptance_rate is not None:  # this pair's rate, until real turns come in
-            self.tracker.prior_rate = probe.stats.acceptance_rate
+            standard = calibrate_tracker(self.tracker, self.pair.target, self.pair.draft, ids, new_tokens)
+        self.baseline.record(standard.tokens_per_s, f"calibration at load ({standard.new_tokens} tokens)")
         return self.baseline.tokens_per_s
 
     def start_turn(self, history: list[dict], decoding: DecodingSettings, system: str | None = None) -> Turn:
