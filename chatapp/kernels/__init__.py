@@ -38,7 +38,10 @@ def cpu_kernels():
         return load(
             name="specchat_cpu_kernels",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=off"],
+            # -fopenmp: at::parallel_for is a header template that runs
+            # serially unless this extension itself is built with OpenMP.
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             verbose=False,
         )

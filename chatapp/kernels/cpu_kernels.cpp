@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -460,7 +461,21 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return y;
 }
 
+// How many threads one parallel_for actually runs on. at::parallel_for is a
+// header template: built without OpenMP it silently runs serially.
+int64_t parallel_threads() {
+  std::atomic<int64_t> widest{1};
+  at::parallel_for(0, 4 * at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int64_t mine = at::get_thread_num() + 1;
+    int64_t seen = widest.load();
+    while (mine > seen && !widest.compare_exchange_weak(seen, mine)) {
+    }
+  });
+  return widest.load();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads, "threads a parallel_for in these kernels runs on");
   m.def("pack_weight", &pack_weight, "pack a [n][k] weight into [n/64][k][64] panels");
   m.def("linear", &linear, "batch-invariant linear on a packed float32 or int8 weight");
   m.def("attention", &attention, "batch-invariant causal attention for few new queries");
