@@ -181,7 +181,7 @@ class Generation:
             self._target_len = self._prefill(self.target, self._target_cache)
             if self.draft is not None:
                 self._draft_cache = self.draft.new_cache(capacity)
-                self._draft_len = self._prefill(self.draft, self._draft_cache)
+                self._draft_len = self._prefill_draft()
             self.stats.prefill_s = clock(device) - start
             while not self.stats.stop_reason:
                 if self._stop_requested:
@@ -221,6 +221,17 @@ class Generation:
         if len(self._ids) > 1:
             lm.forward(self._ids[:-1], 0, cache, logits=False)
         return len(self._ids) - 1
+
+    def _prefill_draft(self) -> int:
+        """The draft's prefill, or a copy of the target's keys/values when the
+        draft can take them (see DecoderLM.copy_cache_prefix)."""
+        length = len(self._ids) - 1
+        adopt = getattr(self.draft, "copy_cache_prefix", None)
+        if length and adopt is not None and adopt(self._draft_cache, self.target, self._target_cache, length):
+            self.stats.draft_prefill = "copied from the target"
+            return length
+        self.stats.draft_prefill = "computed"
+        return self._prefill(self.draft, self._draft_cache)
 
     def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """A token from one row of logits, and the distribution it came from."""

@@ -10,6 +10,12 @@ attends to everything before them.  Calling it with a `start` below what the
 cache already holds discards the tail past `start` -- that is how the engine
 rolls back rejected draft tokens, with no separate "crop" call.
 
+A draft may also offer `copy_cache_prefix(cache, source, source_cache, n)`:
+fill its cache's first n positions from another model's cache instead of a
+prefill, returning False when it cannot take that model's keys/values.
+`LlamaDecoderLM` takes them from the model it was built from (the int8 draft
+from its target); the engine asks before every draft prefill.
+
 `HFDecoderLM` wraps any transformers causal LM (dynamic cache, cropped on
 rollback).  `logits=False` skips the LM head (prefill needs only the cache).
 `chatapp.llama.LlamaDecoderLM` is the fast static-cache path for

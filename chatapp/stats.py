@@ -44,6 +44,7 @@ class TurnStats:
     draft_forwards: int = 0
     wall_s: float = 0.0
     prefill_s: float = 0.0
+    draft_prefill: str = ""  # "computed", or "copied from the target" (same weights; see engine)
     draft_s: float = 0.0
     target_s: float = 0.0
     baseline_tokens_per_s: float | None = None

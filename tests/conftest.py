@@ -115,13 +115,22 @@ def lm_factory(request) -> Callable[[Any], DecoderLM]:
     return factory
 
 
+CHAT = dict(vocab=64, max_positions=96, noise=0.06)
+TINY_VOCAB = dict(vocab=8, max_positions=32, noise=0.3)
+
+
 @pytest.fixture(scope="session")
 def chat_models(lm_factory) -> TinyModels:
     """Vocabulary 64, context 96: for decoding, stopping and stats tests."""
-    return _wrap(lm_factory, vocab=64, max_positions=96, noise=0.06)
+    return _wrap(lm_factory, **CHAT)
 
 
 @pytest.fixture(scope="session")
 def tiny_vocab_models(lm_factory) -> TinyModels:
     """Vocabulary 8: small enough to enumerate the joint law of two tokens."""
-    return _wrap(lm_factory, vocab=8, max_positions=32, noise=0.3)
+    return _wrap(lm_factory, **TINY_VOCAB)
+
+
+def hf_pair(sizes: dict):
+    """(target, perturbed draft) transformers models of CHAT or TINY_VOCAB sizes."""
+    return _hf_pair(sizes["vocab"], sizes["max_positions"], sizes["noise"])

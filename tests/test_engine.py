@@ -24,6 +24,7 @@ import chatapp.engine as engine
 from chatapp.engine import Generation, Token
 from chatapp.sampling import SamplingParams, logits_to_probs, sample
 from chatapp.stats import Baseline, best_k, expected_speedup, expected_tokens_per_round
+from tests.conftest import CHAT, TINY_VOCAB, TinyModels, hf_pair, perturbed
 
 GREEDY = SamplingParams()
 T1 = SamplingParams(temperature=1.0)
@@ -268,6 +269,83 @@ def test_wrong_accept_rule_is_detected(tiny_vocab_models, case, rule, monkeypatc
     monkeypatch.setattr(engine, "speculative_accept", rule)
     p_value, _ = distribution_p_value(tiny_vocab_models, case, "speculative")
     assert p_value < ALPHA
+
+
+# -- 3b. the draft takes the target's prompt keys/values ----------------------
+#
+# A draft built from the target's own weights (its int8 copy) skips its
+# prefill and copies the target's cache. The output must not notice. These
+# tests build static-cache models themselves, so they run once, not per factory.
+
+
+def llama_models(sizes: dict, *, draft: str, share: bool, noise: float | None = None) -> TinyModels:
+    """Static-cache target and int8 draft. draft="copy": the int8 copy of the
+    target; "perturbed": of the fixtures' perturbed model (or of one with
+    `noise` instead of the fixtures' noise). share=True forces a
+    shared origin, so the copy path also runs for a draft whose weights really
+    differ from the target's (and is rejected often enough to test)."""
+    llama = pytest.importorskip("chatapp.llama")
+    target_hf, perturbed_hf = hf_pair(sizes)
+    if noise is not None:
+        perturbed_hf = perturbed(target_hf, noise)
+    target = llama.LlamaDecoderLM.from_hf(target_hf)
+    drafted = llama.LlamaDecoderLM.from_hf(target_hf if draft == "copy" else perturbed_hf, quantize=llama.INT8)
+    if share:
+        drafted.origin = target.origin
+    return TinyModels(target_hf, target, drafted, target, sizes["vocab"], sizes["max_positions"])
+
+
+def test_int8_copy_takes_the_target_prompt_cache():
+    models = llama_models(CHAT, draft="copy", share=False)
+    gen = generate(models, PROMPT, k=2, max_new_tokens=1)
+    next(iter(gen))
+    assert gen.stats.draft_prefill == "copied from the target"
+    n = len(PROMPT) - 1
+    draft_cache, target_cache = gen._draft_cache, gen._target_cache
+    for mine, theirs in zip(draft_cache.keys + draft_cache.values, target_cache.keys + target_cache.values):
+        assert torch.equal(mine[:, :n], theirs[:, :n])
+
+
+def test_a_different_model_cache_is_never_taken():
+    models = llama_models(CHAT, draft="perturbed", share=False)
+    gen = generate(models, PROMPT, k=2, max_new_tokens=4)
+    gen.run()
+    assert gen.stats.draft_prefill == "computed"
+
+
+@pytest.fixture(scope="module")
+def greedy_reference() -> list[tuple[list[int], list[int]]]:
+    target_hf, _ = hf_pair(CHAT)
+    return [(p, reference_greedy(target_hf, p, GREEDY_NEW_TOKENS)) for p in prompts(CHAT["vocab"])]
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["copied", "computed"])
+@pytest.mark.parametrize("k", [2, 5])
+def test_greedy_equality_with_a_copied_draft_prefix(greedy_reference, share, k):
+    models = llama_models(CHAT, draft="perturbed", share=share)
+    accepted = drafted = 0
+    for prompt, expected in greedy_reference:
+        gen = generate(models, prompt, k=k, max_new_tokens=GREEDY_NEW_TOKENS)
+        assert ids(gen.run()) == expected, prompt
+        copied = share and len(prompt) > 1
+        assert gen.stats.draft_prefill == ("copied from the target" if copied else "computed")
+        accepted += gen.stats.accepted
+        drafted += gen.stats.drafted
+    assert 0 < accepted < drafted
+
+
+@pytest.mark.parametrize("case", DIST_CASES.values(), ids=DIST_CASES.keys())
+def test_sampling_with_a_copied_draft_prefix_follows_the_target(case, monkeypatch):
+    # Noisier than the fixture: the target's prompt keys/values lift a draft's
+    # acceptance, and the test needs plenty of rejections.
+    models = llama_models(TINY_VOCAB, draft="perturbed", share=True, noise=0.6)
+    p_value, samples = distribution_p_value(models, case, "speculative")
+    assert p_value > ALPHA
+    assert 0.3 <= samples.accepted / samples.drafted <= 0.9
+    # Negative control: the same models with a wrong accept rule fail the test.
+    monkeypatch.setattr(engine, "speculative_accept", accept_always)
+    bad_p_value, _ = distribution_p_value(models, case, "speculative")
+    assert bad_p_value < ALPHA
 
 
 # -- 4. seeds -------------------------------------------------------------------
