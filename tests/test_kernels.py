@@ -56,6 +56,31 @@ def test_kernels_use_every_torch_thread():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_panels_give_the_same_bits(dtype, threads):
+    # 9 panels (576 outputs): threads split them in half-panel units, so one
+    # panel is shared; results must not depend on how the columns were split.
+    n, k = 576, 96
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(4))
+    scale = torch.empty(0)
+    if dtype == "int8":
+        weight, scale = quantize_int8(weight)
+    packed = kernels.pack_weight(weight)
+    x = activations(6, k)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = kernels.linear(x, packed, scale, n)
+        torch.set_num_threads(threads)
+        split = kernels.linear(x, packed, scale, n)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(split, serial)
+    dequantized = weight.float() * scale[:, None] if dtype == "int8" else weight
+    assert relative_error(split, reference(x, dequantized)) < 1e-3
+
+
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_float_linear_matches_torch(n, k):
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.05

@@ -49,81 +49,81 @@ inline float dot_f32(const float* x, const float* w, int64_t k) {
 }
 
 #if defined(__AVX512F__)
-inline void load_panel_row(const float* w, __m512& w0, __m512& w1, __m512& w2, __m512& w3) {
-  w0 = _mm512_loadu_ps(w);
-  w1 = _mm512_loadu_ps(w + 16);
-  w2 = _mm512_loadu_ps(w + 32);
-  w3 = _mm512_loadu_ps(w + 48);
-}
-
-// ROWS activation rows (stride k) times one float [k][64] panel -> out[ROWS][64].
-template <int ROWS>
-inline void panel_rows(const float* x, int64_t k, const float* panel, float* out) {
-  __m512 acc[ROWS][4];
+// ROWS activation rows (stride k) times columns c0..c0+16*VECS-1 of one float
+// [k][64] panel -> the same columns of out[ROWS][64]. VECS is 4 (the whole
+// panel) or 2 (one half; see for_each_panel_part).
+template <int ROWS, int VECS>
+inline void panel_rows(const float* x, int64_t k, const float* panel, float* out, int64_t c0) {
+  __m512 acc[ROWS][VECS];
 #pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+  for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < VECS; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
   for (int64_t i = 0; i < k; ++i) {
-    __m512 w0, w1, w2, w3;
-    load_panel_row(panel + i * kPanel, w0, w1, w2, w3);
+    __m512 w[VECS];
+#pragma GCC unroll 4
+    for (int j = 0; j < VECS; ++j) w[j] = _mm512_loadu_ps(panel + i * kPanel + c0 + 16 * j);
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; ++r) {
       const __m512 xb = _mm512_set1_ps(x[r * k + i]);
-      acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(xb, w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(xb, w3, acc[r][3]);
+#pragma GCC unroll 4
+      for (int j = 0; j < VECS; ++j) acc[r][j] = _mm512_fmadd_ps(xb, w[j], acc[r][j]);
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r) {
-    _mm512_storeu_ps(out + r * kPanel, acc[r][0]);
-    _mm512_storeu_ps(out + r * kPanel + 16, acc[r][1]);
-    _mm512_storeu_ps(out + r * kPanel + 32, acc[r][2]);
-    _mm512_storeu_ps(out + r * kPanel + 48, acc[r][3]);
+#pragma GCC unroll 4
+    for (int j = 0; j < VECS; ++j) _mm512_storeu_ps(out + r * kPanel + c0 + 16 * j, acc[r][j]);
   }
 }
 
-// ROWS rows of int16 input pairs (stride kp, two int16 per int32) times one
-// int8 [kp][64][2] panel -> exact int32 sums out[ROWS][64]. The layout is the
-// operand layout of vpdpwssd: each 32-bit lane multiplies one column's two
-// weights by two inputs and adds both products to its int32 accumulator.
-template <int ROWS>
-inline void panel_rows_int8(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out) {
-  __m512i acc[ROWS][4];
+// ROWS rows of int16 input pairs (stride kp, two int16 per int32) times
+// columns c0..c0+16*VECS-1 of one int8 [kp][64][2] panel -> exact int32 sums in
+// the same columns of out[ROWS][64]. The layout is the operand layout of
+// vpdpwssd: each 32-bit lane multiplies one column's two weights by two inputs
+// and adds both products to its int32 accumulator.
+template <int ROWS, int VECS>
+inline void panel_rows_int8(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
+  __m512i acc[ROWS][VECS];
 #pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_si512();
+  for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < VECS; ++j) acc[r][j] = _mm512_setzero_si512();
+  }
   for (int64_t i = 0; i < kp; ++i) {
-    const int8_t* w = panel + i * 2 * kPanel;
-    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32)));
-    const __m512i w2 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64)));
-    const __m512i w3 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 96)));
+    const int8_t* row = panel + i * 2 * kPanel + 2 * c0;
+    __m512i w[VECS];
+#pragma GCC unroll 4
+    for (int j = 0; j < VECS; ++j) {
+      w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * j)));
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; ++r) {
       const __m512i xb = _mm512_set1_epi32(xq[r * kp + i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < VECS; ++j) {
 #if defined(__AVX512VNNI__)
-      acc[r][0] = _mm512_dpwssd_epi32(acc[r][0], xb, w0);
-      acc[r][1] = _mm512_dpwssd_epi32(acc[r][1], xb, w1);
-      acc[r][2] = _mm512_dpwssd_epi32(acc[r][2], xb, w2);
-      acc[r][3] = _mm512_dpwssd_epi32(acc[r][3], xb, w3);
+        acc[r][j] = _mm512_dpwssd_epi32(acc[r][j], xb, w[j]);
 #else
-      acc[r][0] = _mm512_add_epi32(acc[r][0], _mm512_madd_epi16(xb, w0));
-      acc[r][1] = _mm512_add_epi32(acc[r][1], _mm512_madd_epi16(xb, w1));
-      acc[r][2] = _mm512_add_epi32(acc[r][2], _mm512_madd_epi16(xb, w2));
-      acc[r][3] = _mm512_add_epi32(acc[r][3], _mm512_madd_epi16(xb, w3));
+        acc[r][j] = _mm512_add_epi32(acc[r][j], _mm512_madd_epi16(xb, w[j]));
 #endif
+      }
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r) {
-    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(reinterpret_cast<void*>(out + r * kPanel + 16 * j), acc[r][j]);
+#pragma GCC unroll 4
+    for (int j = 0; j < VECS; ++j) {
+      _mm512_storeu_si512(reinterpret_cast<void*>(out + r * kPanel + c0 + 16 * j), acc[r][j]);
+    }
   }
 }
 #else
-template <int ROWS>
-inline void panel_rows(const float* x, int64_t k, const float* panel, float* out) {
+template <int ROWS, int VECS>
+inline void panel_rows(const float* x, int64_t k, const float* panel, float* out, int64_t c0) {
   for (int r = 0; r < ROWS; ++r) {
-    for (int c = 0; c < kPanel; ++c) {
+    for (int64_t c = c0; c < c0 + 16 * VECS; ++c) {
       float acc = 0.f;
       for (int64_t i = 0; i < k; ++i) acc = std::fma(x[r * k + i], panel[i * kPanel + c], acc);
       out[r * kPanel + c] = acc;
@@ -131,10 +131,10 @@ inline void panel_rows(const float* x, int64_t k, const float* panel, float* out
   }
 }
 
-template <int ROWS>
-inline void panel_rows_int8(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out) {
+template <int ROWS, int VECS>
+inline void panel_rows_int8(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
   for (int r = 0; r < ROWS; ++r) {
-    for (int c = 0; c < kPanel; ++c) {
+    for (int64_t c = c0; c < c0 + 16 * VECS; ++c) {
       int32_t acc = 0;
       for (int64_t i = 0; i < kp; ++i) {
         const int32_t pair = xq[r * kp + i];
@@ -192,14 +192,15 @@ struct Weight {
   int64_t k() const { return int8() ? packed.size(1) * 2 : packed.size(1); }
 };
 
-// Writes rows r0..r0+rows-1 of one panel's outputs (out[r][c]) into y.
+// Writes rows r0..r0+rows-1, columns c0..c0+width-1, of one panel's outputs
+// (out[r][c]) into y; col0 is the panel's first output.
 template <typename T>
-inline void store_panel(const T* out, int64_t rows, int64_t r0, int64_t col0, int64_t n, const float* row_scale,
-                        const float* scale, const float* bias, float* yp) {
-  const int64_t cols = std::min(kPanel, n - col0);
+inline void store_panel(const T* out, int64_t rows, int64_t r0, int64_t col0, int64_t c0, int64_t width, int64_t n,
+                        const float* row_scale, const float* scale, const float* bias, float* yp) {
+  const int64_t cols = std::min(c0 + width, n - col0);
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = yp + (r0 + r) * n + col0;
-    for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t c = c0; c < cols; ++c) {
       float v = static_cast<float>(out[r * kPanel + c]);
       if (row_scale != nullptr) v *= row_scale[r0 + r];
       if (scale != nullptr) v *= scale[col0 + c];
@@ -209,28 +210,59 @@ inline void store_panel(const T* out, int64_t rows, int64_t r0, int64_t col0, in
   }
 }
 
-// Parallel over panels; within a panel, rows four at a time, so each weight
-// vector loaded serves up to four rows. (Five to eight rows in one pass, 32
-// columns at a time or with more accumulators, measured no cheaper.)
+// Splits a weight's panels over the threads in half-panel units, so two
+// threads share a layer of 9 panels (576 outputs) 4.5/4.5 instead of 5/4.
+// run(panel, c0, width) computes columns c0..c0+width-1 of one panel: whole
+// panels where a thread holds both halves. The column split cannot change a
+// result: each output is still one chain over its inputs.
+template <typename Run>
+void for_each_panel_part(int64_t panels, const Run& run) {
+  at::parallel_for(0, 2 * panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end;) {
+      const bool whole = u % 2 == 0 && u + 1 < end;
+      run(u / 2, whole ? 0 : (u % 2) * (kPanel / 2), whole ? kPanel : kPanel / 2);
+      u += whole ? 2 : 1;
+    }
+  });
+}
+
+template <int VECS>
+inline void float_rows(const float* x, int64_t rows, int64_t k, const float* panel, float* out, int64_t c0) {
+  switch (rows) {
+    case 4: panel_rows<4, VECS>(x, k, panel, out, c0); break;
+    case 3: panel_rows<3, VECS>(x, k, panel, out, c0); break;
+    case 2: panel_rows<2, VECS>(x, k, panel, out, c0); break;
+    default: panel_rows<1, VECS>(x, k, panel, out, c0); break;
+  }
+}
+
+template <int VECS>
+inline void int8_rows(const int32_t* xq, int64_t rows, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
+  switch (rows) {
+    case 4: panel_rows_int8<4, VECS>(xq, kp, panel, out, c0); break;
+    case 3: panel_rows_int8<3, VECS>(xq, kp, panel, out, c0); break;
+    case 2: panel_rows_int8<2, VECS>(xq, kp, panel, out, c0); break;
+    default: panel_rows_int8<1, VECS>(xq, kp, panel, out, c0); break;
+  }
+}
+
+// Within a panel, rows four at a time, so each weight vector loaded serves up
+// to four rows. (Five to eight rows in one pass, 32 columns at a time or with
+// more accumulators, measured no cheaper.)
 void float_linear(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
   const int64_t k = w.k();
   const float* wp = w.packed.data_ptr<float>();
-  at::parallel_for(0, w.panels(), 1, [&](int64_t begin, int64_t end) {
+  for_each_panel_part(w.panels(), [&](int64_t p, int64_t c0, int64_t width) {
     float out[4 * kPanel];
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = wp + p * k * kPanel;
-      for (int64_t r0 = 0; r0 < m;) {
-        const int64_t rows = std::min<int64_t>(4, m - r0);
-        const float* xr = xp + r0 * k;
-        switch (rows) {
-          case 4: panel_rows<4>(xr, k, panel, out); break;
-          case 3: panel_rows<3>(xr, k, panel, out); break;
-          case 2: panel_rows<2>(xr, k, panel, out); break;
-          default: panel_rows<1>(xr, k, panel, out); break;
-        }
-        store_panel(out, rows, r0, p * kPanel, w.n, nullptr, nullptr, bias, yp);
-        r0 += rows;
+    const float* panel = wp + p * k * kPanel;
+    for (int64_t r0 = 0; r0 < m; r0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, m - r0);
+      if (width == kPanel) {
+        float_rows<4>(xp + r0 * k, rows, k, panel, out, c0);
+      } else {
+        float_rows<2>(xp + r0 * k, rows, k, panel, out, c0);
       }
+      store_panel(out, rows, r0, p * kPanel, c0, width, w.n, nullptr, nullptr, bias, yp);
     }
   });
 }
@@ -263,21 +295,17 @@ void int8_linear(const float* xp, int64_t m, const Weight& w, const float* bias,
   for (int64_t r = 0; r < m; ++r) quantize_row(xp + r * k, k, xq.data() + r * kp, xs.data() + r);
   const int8_t* wp = w.packed.data_ptr<int8_t>();
   const float* scale = w.scale.data_ptr<float>();
-  at::parallel_for(0, w.panels(), 1, [&](int64_t begin, int64_t end) {
+  for_each_panel_part(w.panels(), [&](int64_t p, int64_t c0, int64_t width) {
     int32_t out[4 * kPanel];
-    for (int64_t p = begin; p < end; ++p) {
-      const int8_t* panel = wp + p * k * kPanel;
-      for (int64_t r0 = 0; r0 < m; r0 += 4) {
-        const int64_t rows = std::min<int64_t>(4, m - r0);
-        const int32_t* xr = xq.data() + r0 * kp;
-        switch (rows) {
-          case 4: panel_rows_int8<4>(xr, kp, panel, out); break;
-          case 3: panel_rows_int8<3>(xr, kp, panel, out); break;
-          case 2: panel_rows_int8<2>(xr, kp, panel, out); break;
-          default: panel_rows_int8<1>(xr, kp, panel, out); break;
-        }
-        store_panel(out, rows, r0, p * kPanel, w.n, xs.data(), scale, bias, yp);
+    const int8_t* panel = wp + p * k * kPanel;
+    for (int64_t r0 = 0; r0 < m; r0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, m - r0);
+      if (width == kPanel) {
+        int8_rows<4>(xq.data() + r0 * kp, rows, kp, panel, out, c0);
+      } else {
+        int8_rows<2>(xq.data() + r0 * kp, rows, kp, panel, out, c0);
       }
+      store_panel(out, rows, r0, p * kPanel, c0, width, w.n, xs.data(), scale, bias, yp);
     }
   });
 }
