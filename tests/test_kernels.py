@@ -157,3 +157,30 @@ def test_int8_draft_agrees_with_its_target():
     agreement = (target_logits.argmax(-1) == draft_logits.argmax(-1)).float().mean().item()
     assert agreement >= 0.9
     assert relative_error(draft_logits, target_logits) < 0.05
+
+
+def sdpa_reference(q, keys, values, start):
+    """Causal attention of q [n, heads, d] at positions start.. against [kv_heads, >= start+n, d] caches, in float64."""
+    n, heads, d = q.shape
+    group = heads // keys.shape[0]
+    k = keys[:, : start + n].double().repeat_interleave(group, 0)
+    v = values[:, : start + n].double().repeat_interleave(group, 0)
+    scores = torch.einsum("nhd,hjd->hnj", q.double(), k) / d**0.5
+    mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("hnj,hjd->nhd", probs, v).float()
+
+
+@pytest.mark.parametrize("d", [64, 128, 24])  # the two compiled widths and the generic path
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
+def test_attention_matches_torch_and_is_batch_invariant(d, heads, kv_heads):
+    generator = torch.Generator().manual_seed(d + heads)
+    capacity, start, n = 80, 37, 9
+    keys = torch.randn(kv_heads, capacity, d, generator=generator)
+    values = torch.randn(kv_heads, capacity, d, generator=generator)
+    q = torch.randn(n, heads, d, generator=generator) * 2
+    out = kernels.attention(q, keys, values, start)
+    assert relative_error(out, sdpa_reference(q, keys, values, start)) < 1e-5
+    for i in (0, 4, n - 1):  # each row alone, at its own position: the same bits
+        alone = kernels.attention(q[i : i + 1].contiguous(), keys, values, start + i)
+        assert torch.equal(alone[0], out[i]), i

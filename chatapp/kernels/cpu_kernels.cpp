@@ -343,6 +343,69 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale,
 
 // ---- attention --------------------------------------------------------------
 
+// Softmax-weighted sum of values for one query head over keys 0..length-1.
+// Scores are one dot product each; every step depends only on this query and
+// the cached keys/values, never on the other rows of the call (batch
+// invariance). D > 0: the head width known at compile time, so the query and
+// the output stay in registers (D = 64 and 128 cover the usual models).
+template <int D>
+void attend_one(const float* qr, const float* kh, const float* vh, int64_t d, int64_t length, float scale,
+                float* scores, float* orow) {
+#if defined(__AVX512F__)
+  if constexpr (D > 0) {
+    constexpr int V = D / 16;
+    __m512 q[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(qr + 16 * v);
+    float best = -INFINITY;
+    for (int64_t j = 0; j < length; ++j) {
+      const float* kr = kh + j * D;
+      __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+#pragma GCC unroll 8
+      for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(kr + 16 * v), acc);
+      scores[j] = _mm512_reduce_add_ps(acc) * scale;
+      best = std::max(best, scores[j]);
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < length; ++j) {
+      scores[j] = std::exp(scores[j] - best);
+      total += scores[j];
+    }
+    __m512 out[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) out[v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < length; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[j]);
+      const float* vr = vh + j * D;
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) out[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * v), out[v]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / total);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(orow + 16 * v, _mm512_mul_ps(out[v], inv));
+    return;
+  }
+#endif
+  float best = -INFINITY;
+  for (int64_t j = 0; j < length; ++j) {
+    scores[j] = dot_f32(qr, kh + j * d, d) * scale;
+    best = std::max(best, scores[j]);
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < length; ++j) {
+    scores[j] = std::exp(scores[j] - best);
+    total += scores[j];
+  }
+  for (int64_t c = 0; c < d; ++c) orow[c] = 0.f;
+  for (int64_t j = 0; j < length; ++j) {
+    const float p = scores[j];
+    const float* vr = vh + j * d;
+    for (int64_t c = 0; c < d; ++c) orow[c] += p * vr[c];
+  }
+  const float inv = 1.0f / total;
+  for (int64_t c = 0; c < d; ++c) orow[c] *= inv;
+}
+
 // Causal attention of n new queries (absolute positions start..start+n-1)
 // against a KV cache whose first start+n positions are filled.
 // q: [n, heads, d]; caches: [kv_heads, capacity, d]; out: [n, heads, d].
@@ -355,33 +418,14 @@ void attention_into(const float* qp, int64_t n, int64_t heads, int64_t d, const 
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
+  auto attend = d == 64 ? attend_one<64> : d == 128 ? attend_one<128> : attend_one<0>;
   at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(start + n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / heads, h = task % heads;
-      const int64_t length = start + i + 1;  // keys 0..start+i
-      const float* qr = qp + (i * heads + h) * d;
-      const float* kh = kp + (h / group) * capacity * d;
-      const float* vh = vp + (h / group) * capacity * d;
-      float best = -INFINITY;
-      for (int64_t j = 0; j < length; ++j) {
-        scores[j] = dot_f32(qr, kh + j * d, d) * scale;
-        best = std::max(best, scores[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < length; ++j) {
-        scores[j] = std::exp(scores[j] - best);
-        total += scores[j];
-      }
-      float* orow = op + (i * heads + h) * d;
-      for (int64_t c = 0; c < d; ++c) orow[c] = 0.f;
-      for (int64_t j = 0; j < length; ++j) {
-        const float p = scores[j];
-        const float* vr = vh + j * d;
-        for (int64_t c = 0; c < d; ++c) orow[c] += p * vr[c];
-      }
-      const float inv = 1.0f / total;
-      for (int64_t c = 0; c < d; ++c) orow[c] *= inv;
+      const int64_t offset = (h / group) * capacity * d;
+      attend(qp + (i * heads + h) * d, kp + offset, vp + offset, d, start + i + 1, scale, scores.data(),
+             op + (i * heads + h) * d);
     }
   });
 }
