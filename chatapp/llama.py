@@ -151,6 +151,18 @@ class LlamaDecoderLM:
                     down=make(detach(mlp.down_proj.weight), None),
                 )
             )
+        if self._kernels is not None:
+            self._blocks = self._kernels.Blocks(
+                [t for layer in self.layers for t in (
+                    layer.attn_norm,
+                    layer.qkv.weight, layer.qkv.scale, NO_TENSOR if layer.qkv.bias is None else layer.qkv.bias,
+                    layer.o.weight, layer.o.scale,
+                    layer.mlp_norm,
+                    layer.gate_up.weight, layer.gate_up.scale,
+                    layer.down.weight, layer.down.scale,
+                )],
+                self.heads, self.kv_heads, self.layers[0].down.in_features, self.eps,
+            )  # fmt: skip
         self.norm = detach(base.norm.weight)
         self.embed = detach(base.embed_tokens.weight)
         self.lm_head = make(detach(hf_model.lm_head.weight), None)
@@ -260,19 +272,9 @@ class LlamaDecoderLM:
         return self.lm_head(self._rms_norm(x, self.norm)).float()
 
     def _forward_fused(self, x: torch.Tensor, start: int, cache: StaticCache, logits: bool) -> torch.Tensor | None:
-        """CPU: one kernel call per block, no per-op Python overhead."""
+        """CPU: one kernel call runs every block, no per-op Python overhead."""
         x = x.contiguous()
-        for i, layer in enumerate(self.layers):
-            self._kernels.block_forward(
-                x, layer.attn_norm,
-                layer.qkv.weight, layer.qkv.scale, NO_TENSOR if layer.qkv.bias is None else layer.qkv.bias,
-                layer.o.weight, layer.o.scale,
-                layer.mlp_norm,
-                layer.gate_up.weight, layer.gate_up.scale,
-                layer.down.weight, layer.down.scale,
-                cache.keys[i], cache.values[i], self.cos, self.sin,
-                start, self.eps, self.heads, self.kv_heads, layer.down.in_features,
-            )  # fmt: skip
+        self._blocks.forward(x, cache.keys, cache.values, self.cos, self.sin, start)
         if not logits:
             return None
         return self.lm_head(self._kernels.rms_norm(x, self.norm, self.eps))

@@ -184,3 +184,20 @@ def test_attention_matches_torch_and_is_batch_invariant(d, heads, kv_heads):
     for i in (0, 4, n - 1):  # each row alone, at its own position: the same bits
         alone = kernels.attention(q[i : i + 1].contiguous(), keys, values, start + i)
         assert torch.equal(alone[0], out[i]), i
+
+
+@pytest.mark.parametrize("inter", [1536, 40])  # 40: a scalar tail after the vector lanes
+def test_silu_mul_matches_torch(inter):
+    gate = torch.linspace(-120, 120, 3 * inter).view(3, inter)
+    gate[1] = torch.randn(inter, generator=torch.Generator().manual_seed(5)) * 4
+    up = torch.randn(3, inter, generator=torch.Generator().manual_seed(6))
+    out = kernels.silu_mul(torch.cat([gate, up], dim=1).contiguous())
+    expected = torch.nn.functional.silu(gate.double()) * up.double()
+    assert torch.allclose(out.double(), expected, rtol=2e-6, atol=1e-30)
+    alone = kernels.silu_mul(torch.cat([gate[1:2], up[1:2]], dim=1).contiguous())
+    assert torch.equal(alone[0], out[1])
+
+
+def test_blocks_checks_its_weights():
+    with pytest.raises(RuntimeError, match="tensors per layer"):
+        kernels.Blocks([torch.zeros(1)] * 5, 4, 2, 8, 1e-5)

@@ -26,6 +26,19 @@ namespace {
 
 constexpr int64_t kPanel = 64;  // output columns per packed panel
 
+// Per-thread scratch that only grows: a decode step would otherwise allocate
+// and zero a dozen buffers per block (malloc showed up at ~2% of a draft step).
+// Every buffer has its own slot, so growing one never moves another in use.
+enum Slot { kScores, kNormed, kQkv, kQuery, kAttn, kProj, kGateUp, kAct, kRowScale, kPairs, kSlots };
+
+template <typename T>
+T* scratch(Slot slot, int64_t count) {
+  thread_local std::vector<T> buffers[kSlots];
+  std::vector<T>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
 // Dot product with a fixed reduction order (attention scores, norms).
 inline float dot_f32(const float* x, const float* w, int64_t k) {
   int64_t i = 0;
@@ -272,7 +285,18 @@ void float_linear(const float* xp, int64_t m, const Weight& w, const float* bias
 // against int8 weights.
 void quantize_row(const float* x, int64_t k, int32_t* pairs, float* scale) {
   float amax = 0.f, l1 = 0.f;
-  for (int64_t i = 0; i < k; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) {
+    const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+    vmax = _mm512_max_ps(vmax, v);
+    vsum = _mm512_add_ps(vsum, v);
+  }
+  amax = _mm512_reduce_max_ps(vmax);
+  l1 = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; i < k; ++i) {
     amax = std::max(amax, std::fabs(x[i]));
     l1 += std::fabs(x[i]);
   }
@@ -281,18 +305,26 @@ void quantize_row(const float* x, int64_t k, int32_t* pairs, float* scale) {
   if (!(s > 0.f) || !std::isfinite(s)) s = 1.0f;  // all zeros (or garbage in: let it show downstream)
   const float inv = 1.0f / s;
   int16_t* q = reinterpret_cast<int16_t*>(pairs);
-  for (int64_t i = 0; i < k; ++i) {
-    const float v = std::nearbyint(x[i] * inv);
-    q[i] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, v)));
+  i = 0;
+#if defined(__AVX512F__)
+  const __m512 lo = _mm512_set1_ps(-32767.0f), hi = _mm512_set1_ps(32767.0f), vinv = _mm512_set1_ps(inv);
+  for (; i + 16 <= k; i += 16) {
+    const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv)));
+    const __m512i r = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm512_cvtepi32_epi16(r));
+  }
+#endif
+  for (; i < k; ++i) {  // round-to-nearest-even, as the vector path
+    q[i] = static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, x[i] * inv))));
   }
   *scale = s;
 }
 
 void int8_linear(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
   const int64_t k = w.k(), kp = k / 2;
-  std::vector<int32_t> xq(m * kp);
-  std::vector<float> xs(m);
-  for (int64_t r = 0; r < m; ++r) quantize_row(xp + r * k, k, xq.data() + r * kp, xs.data() + r);
+  int32_t* xq = scratch<int32_t>(kPairs, m * kp);
+  float* xs = scratch<float>(kRowScale, m);
+  for (int64_t r = 0; r < m; ++r) quantize_row(xp + r * k, k, xq + r * kp, xs + r);
   const int8_t* wp = w.packed.data_ptr<int8_t>();
   const float* scale = w.scale.data_ptr<float>();
   for_each_panel_part(w.panels(), [&](int64_t p, int64_t c0, int64_t width) {
@@ -301,11 +333,11 @@ void int8_linear(const float* xp, int64_t m, const Weight& w, const float* bias,
     for (int64_t r0 = 0; r0 < m; r0 += 4) {
       const int64_t rows = std::min<int64_t>(4, m - r0);
       if (width == kPanel) {
-        int8_rows<4>(xq.data() + r0 * kp, rows, kp, panel, out, c0);
+        int8_rows<4>(xq + r0 * kp, rows, kp, panel, out, c0);
       } else {
-        int8_rows<2>(xq.data() + r0 * kp, rows, kp, panel, out, c0);
+        int8_rows<2>(xq + r0 * kp, rows, kp, panel, out, c0);
       }
-      store_panel(out, rows, r0, p * kPanel, c0, width, w.n, xs.data(), scale, bias, yp);
+      store_panel(out, rows, r0, p * kPanel, c0, width, w.n, xs, scale, bias, yp);
     }
   });
 }
@@ -420,11 +452,11 @@ void attention_into(const float* qp, int64_t n, int64_t heads, int64_t d, const 
   const float* vp = v_cache.data_ptr<float>();
   auto attend = d == 64 ? attend_one<64> : d == 128 ? attend_one<128> : attend_one<0>;
   at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(start + n);
+    float* scores = scratch<float>(kScores, start + n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / heads, h = task % heads;
       const int64_t offset = (h / group) * capacity * d;
-      attend(qp + (i * heads + h) * d, kp + offset, vp + offset, d, start + i + 1, scale, scores.data(),
+      attend(qp + (i * heads + h) * d, kp + offset, vp + offset, d, start + i + 1, scale, scores,
              op + (i * heads + h) * d);
     }
   });
@@ -436,6 +468,48 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_
   auto out = torch::empty_like(q);
   attention_into(q.data_ptr<float>(), q.size(0), q.size(1), q.size(2), k_cache, v_cache, start, out.data_ptr<float>());
   return out;
+}
+
+// ---- activation ------------------------------------------------------------
+
+#if defined(__AVX512F__)
+// exp(x) for 16 floats (Cephes expf: x = n ln2 + r, |r| <= ln2/2, a degree-6
+// polynomial in r, times 2^n); within 2 ulp of expf over the clamped range.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// act = silu(gate) * up, row by row; gu rows are [gate | up]. Column c always
+// takes the same path (vector or scalar tail), whatever the row count.
+void silu_mul(const float* gu, int64_t n, int64_t inter, float* act) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* g = gu + r * 2 * inter;
+    const float* u = g + inter;
+    float* a = act + r * inter;
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; c + 16 <= inter; c += 16) {
+      const __m512 gv = _mm512_loadu_ps(g + c);
+      const __m512 sig = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+      _mm512_storeu_ps(a + c, _mm512_mul_ps(sig, _mm512_loadu_ps(u + c)));
+    }
+#endif
+    for (; c < inter; ++c) a[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
+  }
 }
 
 // ---- one transformer block ------------------------------------------------
@@ -469,11 +543,13 @@ void rope_inplace(float* x, int64_t n, int64_t heads, int64_t d, int64_t stride,
 
 // x: [n, hidden] float32, updated in place. Weights float32 or int8 (+ scale).
 // Empty tensors stand for "no bias"/"no scale".
-void block_forward(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv_w, torch::Tensor qkv_s,
-                   torch::Tensor qkv_b, torch::Tensor o_w, torch::Tensor o_s, torch::Tensor mlp_norm,
-                   torch::Tensor gu_w, torch::Tensor gu_s, torch::Tensor down_w, torch::Tensor down_s,
-                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor cos, torch::Tensor sin,
-                   int64_t start, double eps, int64_t heads, int64_t kv_heads, int64_t inter) {
+void block_forward(const torch::Tensor& x, const torch::Tensor& attn_norm, const torch::Tensor& qkv_w,
+                   const torch::Tensor& qkv_s, const torch::Tensor& qkv_b, const torch::Tensor& o_w,
+                   const torch::Tensor& o_s, const torch::Tensor& mlp_norm, const torch::Tensor& gu_w,
+                   const torch::Tensor& gu_s, const torch::Tensor& down_w, const torch::Tensor& down_s,
+                   const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& cos,
+                   const torch::Tensor& sin, int64_t start, double eps, int64_t heads, int64_t kv_heads,
+                   int64_t inter) {
   const int64_t n = x.size(0), hidden = x.size(1);
   check_rows(x, hidden);
   const int64_t d = k_cache.size(2), capacity = k_cache.size(1);
@@ -489,40 +565,82 @@ void block_forward(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv_w
   TORCH_CHECK(start + n <= capacity, "forward past the cache capacity");
   float* xp = x.data_ptr<float>();
 
-  std::vector<float> h(n * hidden), qkv(n * qkv_size), q(n * q_size), attn(n * q_size);
-  std::vector<float> proj(n * hidden), gu(n * 2 * inter), act(n * inter);
+  float* h = scratch<float>(kNormed, n * hidden);
+  float* qkv = scratch<float>(kQkv, n * qkv_size);
+  float* q = scratch<float>(kQuery, n * q_size);
+  float* attn = scratch<float>(kAttn, n * q_size);
+  float* proj = scratch<float>(kProj, n * hidden);
+  float* gu = scratch<float>(kGateUp, n * 2 * inter);
+  float* act = scratch<float>(kAct, n * inter);
 
-  rms_norm_into(xp, n, hidden, attn_norm.data_ptr<float>(), static_cast<float>(eps), h.data());
-  linear_into(h.data(), n, qkv_lin, qkv_b.numel() ? qkv_b.data_ptr<float>() : nullptr,
-              qkv.data());
+  rms_norm_into(xp, n, hidden, attn_norm.data_ptr<float>(), static_cast<float>(eps), h);
+  linear_into(h, n, qkv_lin, qkv_b.numel() ? qkv_b.data_ptr<float>() : nullptr,
+              qkv);
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  rope_inplace(qkv.data(), n, heads, d, qkv_size, cp, sp, start);
-  rope_inplace(qkv.data() + q_size, n, kv_heads, d, qkv_size, cp, sp, start);
+  rope_inplace(qkv, n, heads, d, qkv_size, cp, sp, start);
+  rope_inplace(qkv + q_size, n, kv_heads, d, qkv_size, cp, sp, start);
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
-    const float* row = qkv.data() + i * qkv_size;
-    std::copy(row, row + q_size, q.data() + i * q_size);
+    const float* row = qkv + i * qkv_size;
+    std::copy(row, row + q_size, q + i * q_size);
     for (int64_t g = 0; g < kv_heads; ++g) {
       std::copy(row + q_size + g * d, row + q_size + (g + 1) * d, kc + (g * capacity + start + i) * d);
       std::copy(row + q_size + kv_size + g * d, row + q_size + kv_size + (g + 1) * d,
                 vc + (g * capacity + start + i) * d);
     }
   }
-  attention_into(q.data(), n, heads, d, k_cache, v_cache, start, attn.data());
-  linear_into(attn.data(), n, o_lin, nullptr, proj.data());
+  attention_into(q, n, heads, d, k_cache, v_cache, start, attn);
+  linear_into(attn, n, o_lin, nullptr, proj);
   for (int64_t i = 0; i < n * hidden; ++i) xp[i] += proj[i];
 
-  rms_norm_into(xp, n, hidden, mlp_norm.data_ptr<float>(), static_cast<float>(eps), h.data());
-  linear_into(h.data(), n, gu_lin, nullptr, gu.data());
-  for (int64_t r = 0; r < n; ++r) {
-    const float* g = gu.data() + r * 2 * inter;
-    const float* u = g + inter;
-    for (int64_t c = 0; c < inter; ++c) act[r * inter + c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
-  }
-  linear_into(act.data(), n, down_lin, nullptr, proj.data());
+  rms_norm_into(xp, n, hidden, mlp_norm.data_ptr<float>(), static_cast<float>(eps), h);
+  linear_into(h, n, gu_lin, nullptr, gu);
+  silu_mul(gu, n, inter, act);
+  linear_into(act, n, down_lin, nullptr, proj);
   for (int64_t i = 0; i < n * hidden; ++i) xp[i] += proj[i];
+}
+
+// All of a model's blocks, in one call per forward: the weights are handed
+// over once, at load, instead of 21 arguments per block per step through
+// Python (a tenth of a draft step went to that loop and its conversions).
+class Blocks {
+ public:
+  static constexpr size_t kPerLayer = 11;  // attn_norm, qkv w/s/b, o w/s, mlp_norm, gate_up w/s, down w/s
+
+  Blocks(std::vector<torch::Tensor> weights, int64_t heads, int64_t kv_heads, int64_t inter, double eps)
+      : weights_(std::move(weights)), heads_(heads), kv_heads_(kv_heads), inter_(inter), eps_(eps) {
+    TORCH_CHECK(!weights_.empty() && weights_.size() % kPerLayer == 0, "Blocks takes ", kPerLayer,
+                " tensors per layer, got ", weights_.size());
+  }
+
+  int64_t layers() const { return static_cast<int64_t>(weights_.size() / kPerLayer); }
+
+  // x: [n, hidden], updated in place; one key and one value cache per layer.
+  void forward(const torch::Tensor& x, const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+               const torch::Tensor& cos, const torch::Tensor& sin, int64_t start) const {
+    TORCH_CHECK(static_cast<int64_t>(keys.size()) == layers() && static_cast<int64_t>(values.size()) == layers(),
+                "one key and one value cache per layer");
+    for (int64_t i = 0; i < layers(); ++i) {
+      const torch::Tensor* w = weights_.data() + i * kPerLayer;
+      block_forward(x, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], keys[i], values[i], cos,
+                    sin, start, eps_, heads_, kv_heads_, inter_);
+    }
+  }
+
+ private:
+  std::vector<torch::Tensor> weights_;
+  int64_t heads_, kv_heads_, inter_;
+  double eps_;
+};
+
+torch::Tensor silu_mul_rows(torch::Tensor gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.scalar_type() == torch::kFloat && gu.size(1) % 2 == 0,
+              "gu must be a contiguous [n, 2 * inter] float32 tensor");
+  auto act = torch::empty({gu.size(0), gu.size(1) / 2}, gu.options());
+  silu_mul(gu.data_ptr<float>(), gu.size(0), gu.size(1) / 2, act.data_ptr<float>());
+  return act;
 }
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -552,5 +670,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "batch-invariant linear on a packed float32 or int8 weight");
   m.def("attention", &attention, "batch-invariant causal attention for few new queries");
   m.def("rms_norm", &rms_norm, "row-wise RMSNorm");
-  m.def("block_forward", &block_forward, "one Llama block for few rows, in place");
+  m.def("silu_mul", &silu_mul_rows, "silu(gate) * up for rows of [gate | up]");
+  pybind11::class_<Blocks>(m, "Blocks")
+      .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double>())
+      .def("forward", &Blocks::forward, "all blocks for few rows, x in place")
+      .def_property_readonly("layers", &Blocks::layers);
 }
