@@ -86,7 +86,7 @@ def _stderr(message: str) -> None:
 class Options:
     prompts_path: Path = DEFAULT_PROMPTS
     max_new_tokens: int = 96
-    ks: tuple[int, ...] = (2, 3, 4, 6, 8)
+    ks: tuple[int, ...] = (2, 3, 4, 6, 8, 10)
     temperatures: tuple[float, ...] = (0.0, 0.7)
     modes: tuple[str, ...] = MODES
     repeats: int = 1
@@ -105,7 +105,7 @@ class Options:
 
 QUICK = {
     "max_new_tokens": 48,
-    "ks": (2, 4, 6),
+    "ks": (2, 4, 6, 8),
     "temperatures": (0.0, 0.7),
     "repeats": 1,
     "prompt_limit": 4,
