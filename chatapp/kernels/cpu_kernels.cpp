@@ -12,6 +12,7 @@
 //    decoding equals greedy standard decoding exactly, not up to rounding.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -228,15 +229,34 @@ inline void store_panel(const T* out, int64_t rows, int64_t r0, int64_t col0, in
 // run(panel, c0, width) computes columns c0..c0+width-1 of one panel: whole
 // panels where a thread holds both halves. The column split cannot change a
 // result: each output is still one chain over its inputs.
+//
+// Each thread first streams its own contiguous share of three quarters of the
+// units; the last quarter goes a panel at a time to whichever thread is free,
+// since on a shared machine one core is often slower than the other (perf
+// showed each thread waiting 6-12% of a draft step at the joins).
 template <typename Run>
 void for_each_panel_part(int64_t panels, const Run& run) {
-  at::parallel_for(0, 2 * panels, 1, [&](int64_t begin, int64_t end) {
+  const int64_t units = 2 * panels;
+  auto run_units = [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end;) {
       const bool whole = u % 2 == 0 && u + 1 < end;
       run(u / 2, whole ? 0 : (u % 2) * (kPanel / 2), whole ? kPanel : kPanel / 2);
       u += whole ? 2 : 1;
     }
-  });
+  };
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), units));
+  if (threads <= 1 || at::in_parallel_region()) {
+    run_units(0, units);
+    return;
+  }
+  const int64_t own = units * 3 / 4 / threads / 2 * 2;  // whole panels: the shared tail starts on one
+  std::atomic<int64_t> next{own * threads};
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num();
+    run_units(t * own, (t + 1) * own);
+    for (int64_t u = next.fetch_add(2); u < units; u = next.fetch_add(2)) run_units(u, std::min(u + 2, units));
+  }
 }
 
 template <int VECS>
@@ -671,7 +691,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "batch-invariant causal attention for few new queries");
   m.def("rms_norm", &rms_norm, "row-wise RMSNorm");
   m.def("silu_mul", &silu_mul_rows, "silu(gate) * up for rows of [gate | up]");
-  pybind11::class_<Blocks>(m, "Blocks")
+  pybind11::class_<Blocks>(m, "Blocks", pybind11::module_local())
       .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double>())
       .def("forward", &Blocks::forward, "all blocks for few rows, x in place")
       .def_property_readonly("layers", &Blocks::layers);
