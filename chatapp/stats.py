@@ -149,7 +149,8 @@ class AcceptanceTracker:
     """Running acceptance rate and step costs, for auto K.
 
     Auto K maximises E(a, K) / (K c + v(K)), the speedup of the literature's
-    formula with the verify cost measured rather than assumed: c = draft step
+    formula with the verify cost measured rather than assumed, taken over the
+    acceptance rates a of the recent turns (see expected_speedup): c = draft step
     / target step, v(K) = cost of one target forward over K+1 tokens in
     target steps. v comes from a table of measured forward times per token
     count (a calibration at load, refreshed by every speculative turn):
@@ -162,6 +163,9 @@ class AcceptanceTracker:
     PRIOR_COST_RATIO = 0.3
     PRIOR_VERIFY_SLOPE = 0.05  # extra target steps per extra verified token
     WINDOW = 8  # recent measurements kept per forward size
+    TURN_WINDOW = 16  # recent turns whose acceptance rates auto K averages over
+    MIN_TURNS = 3
+    MIN_CHECKED = 8  # drafts a turn must have had checked to count as a rate
 
     def __init__(self):
         self.prior_rate = self.PRIOR_RATE
@@ -173,6 +177,7 @@ class AcceptanceTracker:
         self.verify_s = 0.0
         self.verify_forwards = 0
         self._forward_s: dict[int, list[float]] = {}  # tokens in one target forward -> recent seconds
+        self._turn_rates: list[float] = []  # per-token acceptance of recent speculative turns
 
     def record(self, stats: TurnStats) -> None:
         """A finished turn: its acceptance counts and its step costs."""
@@ -180,6 +185,8 @@ class AcceptanceTracker:
             self.drafted += stats.drafted
             self.accepted += stats.accepted
             self.rejected += stats.rejected
+            if stats.accepted + stats.rejected >= self.MIN_CHECKED:
+                self._turn_rates = (self._turn_rates + [stats.acceptance_rate])[-self.TURN_WINDOW :]
         self.record_costs(stats)
 
     def record_costs(self, stats: TurnStats) -> None:
@@ -261,8 +268,17 @@ class AcceptanceTracker:
         return ratios[below] + self.verify_slope * (n - below)
 
     def expected_speedup(self, k: int) -> float:
-        a = min(self.acceptance_rate, 0.99)  # a perfect streak must not pin K at the maximum
-        return expected_speedup_with_costs(a, k, self.cost_ratio, self.verify_ratio(k))
+        """The theory's speedup at K over the recent turns: 1 / the mean time
+        per token, in target steps, at each turn's acceptance rate (the pooled
+        rate until there are a few turns). Replies differ, and a long draft
+        that pays off on an easy reply costs more on a hard one. With c = 0.3
+        and +0.05 step per verified token, the pooled a = 0.95 of turns at
+        0.995 and 0.9 makes K=7 look best, yet K=6 gives the shorter wait per
+        token across those turns."""
+        rates = self._turn_rates if len(self._turn_rates) >= self.MIN_TURNS else [self.acceptance_rate]
+        c, v = self.cost_ratio, self.verify_ratio(k)
+        # min(.., 0.99): a perfect streak must not pin K at the maximum.
+        return 1.0 / statistics.fmean(1.0 / expected_speedup_with_costs(min(a, 0.99), k, c, v) for a in rates)
 
     def choose_k(self, k_max: int = 16) -> int:
         return max(range(1, k_max + 1), key=lambda k: (self.expected_speedup(k), -k))

@@ -683,6 +683,30 @@ def test_auto_k_uses_measured_costs():
     assert tracker.choose_k() < k
 
 
+def test_auto_k_averages_over_the_recent_turns():
+    from chatapp.stats import AcceptanceTracker, expected_speedup_with_costs
+
+    def tracker_with(rates):
+        tracker = AcceptanceTracker()
+        tracker.record_calibration({n: [0.020 * (1 + 0.05 * (n - 1))] for n in range(1, 18)}, [0.006] * 4)
+        for a in rates:  # 200 checked drafts per turn at rate a
+            tracker.record(_turn("speculative", 6, accepted=round(200 * a), rejected=200 - round(200 * a), rounds=40,
+                                 draft_ms=6.0, verify_ms=26.0, forwards=40))  # fmt: skip
+        return tracker
+
+    def best(rates):  # the K with the least mean time per token over the rates
+        cost = {k: sum(1 / expected_speedup_with_costs(a, k, 0.3, 1 + 0.05 * k) for a in rates) for k in range(1, 17)}
+        return min(cost, key=cost.get)
+
+    mixed = tracker_with([0.995, 0.9] * 4)
+    assert mixed.acceptance_rate == pytest.approx(0.9475)
+    steady = tracker_with([0.9475] * 8)
+    # Same pooled rate; replies that differ call for a shorter draft.
+    assert mixed.choose_k() == best([0.995, 0.9]) < steady.choose_k() == best([0.9475])
+    # Two turns are too few to go by: the pooled rate decides.
+    assert tracker_with([0.995, 0.9]).choose_k() == best([0.9475])
+
+
 def test_verify_cost_table_interpolates_and_extrapolates():
     from chatapp.stats import AcceptanceTracker
 
