@@ -27,7 +27,7 @@ prints the headline table (markdown) to stdout; progress goes to stderr.
 
 Function boundaries: `resolve_options` (flags -> Options), `load_models`,
 `bench` (warm-up, runs, micro measurements), `run_config` (one run),
-`measure_step_costs`, `measure_bandwidth`, `measure_agreement`, `summarize`,
+`measure_step_costs` (with the bandwidth), `measure_agreement`, `summarize`,
 `speedups`, `theory`, `evaluate_goals`, `headline_table`, `write_report`,
 `plot`.
 """
@@ -528,9 +528,14 @@ def context_ids(prompts: Sequence[BenchPrompt], length: int) -> list[int]:
     return [pool[i % len(pool)] for i in range(length)]
 
 
-def measure_step_costs(target, draft, ks: Iterable[int], ids: Sequence[int], reps: int) -> dict:
+def measure_step_costs(
+    target, draft, ks: Iterable[int], ids: Sequence[int], reps: int, bandwidth_mb: int | None = None
+) -> dict:
     """Median (and min) times of the target's 1-token step, its verify of K+1 tokens, the
     draft's step, and both models' prefill of the context (as the engine prefills).
+    With `bandwidth_mb`, the memory bandwidth too (`costs["bandwidth"]`), its reps
+    interleaved with the steps': on a shared machine the bandwidth moves by 1.5x
+    between minutes, and a bound measured at another moment than the step says little.
 
     Every step starts at position len(ids) after a prefill of `ids` (the context
     length), so repeated calls overwrite the same cache slots. The reps of all
@@ -562,8 +567,20 @@ def measure_step_costs(target, draft, ks: Iterable[int], ids: Sequence[int], rep
         else:
             jobs["draft_prefill_s"] = lambda: draft.forward(prefill_ids, 0, d_cache, logits=False)
             costs["draft_prefill"] = "computed"
+    if bandwidth_mb:
+        src, dst = bandwidth_tensors(device, bandwidth_mb)
+        jobs["bandwidth_read_s"] = lambda: src.sum()
+        jobs["bandwidth_copy_s"] = lambda: dst.copy_(src)
     times = _interleaved_times(jobs, reps, device)
     medians = {name: statistics.median(values) for name, values in times.items()}
+    if bandwidth_mb:
+        costs["bandwidth"] = bandwidth_result(
+            src.numel() * 4, medians.pop("bandwidth_read_s"), medians.pop("bandwidth_copy_s"), reps,
+            "interleaved with the step reps",
+        )
+        for name in ("bandwidth_read_s", "bandwidth_copy_s"):
+            times.pop(name)
+        del src, dst
     for name in ("target_step_s", "draft_step_s", "target_prefill_s", "draft_prefill_s"):
         if name in medians:
             costs[name] = medians[name]
@@ -589,23 +606,23 @@ def _interleaved_times(jobs: dict[str, Callable[[], Any]], reps: int, device: to
     return times
 
 
-def measure_bandwidth(device: torch.device, megabytes: int = 1024, reps: int = 5) -> dict:
-    """Memory bandwidth from a sum over (read) and a copy of (read + write) a large float32 tensor."""
-    n = megabytes * (1 << 20) // 4
-    # Distinct values on every page: pages of one constant can be merged by the
-    # kernel or the hypervisor (KSM), and reading them then hits the cache.
-    src = torch.arange(n, dtype=torch.float32, device=device)
-    read_s = _median_time(lambda: src.sum(), reps, device, warmup=1)
-    dst = torch.empty_like(src)
-    copy_s = _median_time(lambda: dst.copy_(src), reps, device, warmup=1)
-    nbytes = n * 4
-    del src, dst
+def bandwidth_tensors(device: torch.device, megabytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source with distinct values on every page (pages of one constant can be
+    merged by the kernel or the hypervisor, KSM, and then hit the cache) and a
+    destination, for timing a sum (read) and a copy (read + write)."""
+    src = torch.arange(megabytes * (1 << 20) // 4, dtype=torch.float32, device=device)
+    return src, torch.empty_like(src)
+
+
+def bandwidth_result(nbytes: int, read_s: float, copy_s: float, reps: int, when: str) -> dict:
+    """GB/s of a read (sum) and a copy (read + write); the bound uses the larger."""
     return {
         "tensor_bytes": nbytes,
         "reps": reps,
         "read_gb_s": nbytes / read_s / 1e9,
         "copy_gb_s": 2 * nbytes / copy_s / 1e9,
         "bandwidth_gb_s": max(nbytes / read_s, 2 * nbytes / copy_s) / 1e9,
+        "measured": when,
     }
 
 
@@ -797,8 +814,8 @@ def bench(
     median_prompt = int(statistics.median(len(p.ids) for p in prompts))
     ctx = min(median_prompt + options.max_new_tokens // 2, models.target.max_positions - max(options.ks) - 2)
     progress(f"micro step costs at {ctx} tokens of context, {options.micro_reps} reps")
-    micro = measure_step_costs(models.target, models.draft, options.ks, context_ids(prompts, ctx), options.micro_reps)
-    micro["bandwidth"] = measure_bandwidth(device, options.bandwidth_mb)
+    micro = measure_step_costs(models.target, models.draft, options.ks, context_ids(prompts, ctx), options.micro_reps,
+                               bandwidth_mb=options.bandwidth_mb)  # fmt: skip
     weight_bytes = _step_weight_bytes(models.target)
     micro["target_step_weight_bytes"] = weight_bytes
     micro["weight_bound_s"] = weight_bytes / (micro["bandwidth"]["bandwidth_gb_s"] * 1e9)
@@ -1419,7 +1436,8 @@ def write_report(result: dict, path: Path, plots: Sequence[Path] = ()) -> Path:
             + (" — **the bench did not have the machine to itself; timings are noisy**" if noisy else "")
         )
     bw = micro["bandwidth"]
-    out.append(f"- Memory bandwidth: {bw['read_gb_s']:.1f} GB/s read (sum), {bw['copy_gb_s']:.1f} GB/s copy (read+write) over a {bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median of {bw['reps']}; the bound uses {bw['bandwidth_gb_s']:.1f} GB/s")
+    out.append(f"- Memory bandwidth: {bw['read_gb_s']:.1f} GB/s read (sum), {bw['copy_gb_s']:.1f} GB/s copy (read+write) over a {bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median of {bw['reps']}"
+               f"{', ' + bw['measured'] if bw.get('measured') else ''}; the bound uses {bw['bandwidth_gb_s']:.1f} GB/s")
     out += ["", "## Models", ""]
     for role in ("target", "draft"):
         info = result["models"].get(role)

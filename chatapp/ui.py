@@ -252,6 +252,7 @@ def stats_record(turn: Any) -> dict:
         "baseline_tokens_per_s": _num(s.baseline_tokens_per_s),
         "baseline_source": s.baseline_source or "none",
         "int8_path": s.int8_path or "",
+        "draft_prefill": s.draft_prefill or "",
         "stop_reason": s.stop_reason or "",
         "wall_s": _num(s.wall_s),
         "prefill_s": _num(s.prefill_s),
@@ -292,6 +293,8 @@ def format_stats_line(record: dict) -> str:
             _speedup_text(record),
         ]
         draft = f"draft INT8 path: {record.get('int8_path') or 'n/a'}"
+        if record.get("draft_prefill"):
+            draft += f" · draft's prompt keys/values {record['draft_prefill']}"
     else:
         head = [
             "◎ **standard** (target only)",

@@ -62,6 +62,7 @@ class FakeTurn:
             mode=mode, k=k if mode == "speculative" else 0, prompt_tokens=prompt_len,
             baseline_tokens_per_s=b.tokens_per_s, baseline_source=b.source,
             int8_path="int8 weight-only per-channel (fake)" if mode == "speculative" else "",
+            draft_prefill="copied from the target" if mode == "speculative" else "",
             source_counts={s: 0 for s in ("draft", "target", "bonus", "standard")},
         )  # fmt: skip
 

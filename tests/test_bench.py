@@ -353,6 +353,7 @@ def test_tiny_end_to_end(tiny, tmp_path):
     micro = data["micro"]
     assert micro["target_step_s"] > 0 and micro["draft_step_s"] > 0 and set(micro["verify_s"]) == {"2", "3"}
     assert micro["bandwidth"]["bandwidth_gb_s"] > 0 and micro["weight_bound_s"] > 0
+    assert micro["bandwidth"]["measured"] == "interleaved with the step reps"
     assert 0 <= micro["agreement"]["agreement"] <= 1
     assert micro["agreement"]["target_reproduces_continuation"] == 1.0
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cores"]

@@ -86,6 +86,7 @@ def test_streams_a_reply_with_stats_that_match_the_engine(client, fake):
     assert f"{s.tokens_per_s:.1f} tok/s" in line
     assert f"{s.speedup:.2f}×" in line and f"({s.baseline_tokens_per_s:.1f} tok/s)" in line
     assert s.baseline_source in line and s.int8_path in line
+    assert "draft's prompt keys/values copied from the target" in line
     # The same stats sit under the reply in the chat, as a collapsed aside.
     aside = out["chatbot"][-1]
     assert (
