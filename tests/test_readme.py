@@ -18,3 +18,13 @@ def test_library_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "'draft')" in out and "'acceptance_rate'" in out
+
+
+def test_readme_table_is_the_committed_report():
+    # The README's benchmark rows must be those of docs/benchmark/report.md,
+    # the full report they come from, not edited figures.
+    table = re.search(r"<!-- BENCH-TABLE -->(.*?)<!-- /BENCH-TABLE -->", README, re.S).group(1)
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    report = (ROOT / "docs/benchmark/report.md").read_text()
+    assert len(rows) >= 10
+    assert all(row in report for row in rows)
