@@ -52,7 +52,7 @@ try:
 except ImportError:  # Windows: no getrusage; peak memory and CPU shares are left out
     resource = None  # type: ignore[assignment]
 
-from .engine import Generation, clock
+from .engine import Generation, clock, prefill_draft
 from .sampling import SamplingParams
 from .stats import AcceptanceTracker, best_k, expected_speedup, expected_tokens_per_round
 
@@ -560,13 +560,8 @@ def measure_step_costs(
         jobs["draft_step_s"] = lambda: draft.forward(probe[:1], n, d_cache)
         draft.forward(list(ids), 0, d_cache, logits=False)
         # As the engine does it: a copy of the target's keys/values where the draft can take them.
-        adopt = getattr(draft, "copy_cache_prefix", None)
-        if adopt is not None and adopt(d_cache, target, t_cache, len(prefill_ids)):
-            jobs["draft_prefill_s"] = lambda: adopt(d_cache, target, t_cache, len(prefill_ids))
-            costs["draft_prefill"] = "copied from the target"
-        else:
-            jobs["draft_prefill_s"] = lambda: draft.forward(prefill_ids, 0, d_cache, logits=False)
-            costs["draft_prefill"] = "computed"
+        jobs["draft_prefill_s"] = lambda: prefill_draft(draft, d_cache, target, t_cache, ids)
+        costs["draft_prefill"] = prefill_draft(draft, d_cache, target, t_cache, ids)
     if bandwidth_mb:
         src, dst = bandwidth_tensors(device, bandwidth_mb)
         jobs["bandwidth_read_s"] = lambda: src.sum()

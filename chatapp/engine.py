@@ -223,15 +223,10 @@ class Generation:
         return len(self._ids) - 1
 
     def _prefill_draft(self) -> int:
-        """The draft's prefill, or a copy of the target's keys/values when the
-        draft can take them (see DecoderLM.copy_cache_prefix)."""
-        length = len(self._ids) - 1
-        adopt = getattr(self.draft, "copy_cache_prefix", None)
-        if length and adopt is not None and adopt(self._draft_cache, self.target, self._target_cache, length):
-            self.stats.draft_prefill = "copied from the target"
-            return length
-        self.stats.draft_prefill = "computed"
-        return self._prefill(self.draft, self._draft_cache)
+        self.stats.draft_prefill = prefill_draft(
+            self.draft, self._draft_cache, self.target, self._target_cache, self._ids
+        )
+        return len(self._ids) - 1
 
     def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """A token from one row of logits, and the distribution it came from."""
@@ -317,6 +312,20 @@ class Generation:
         if self.draft is not None:
             self._draft_len = min(self._draft_len, len(self._ids) - 1)
         return emitted
+
+
+def prefill_draft(draft: DecoderLM, draft_cache, target: DecoderLM, target_cache, ids: Sequence[int]) -> str:
+    """Fill the draft's cache for ids[:-1] (the target's already holds them):
+    a copy of the target's keys/values when the draft can take them (see
+    DecoderLM.copy_cache_prefix), else the draft's own prefill. Returns which
+    ran: "copied from the target" or "computed"."""
+    length = len(ids) - 1
+    adopt = getattr(draft, "copy_cache_prefix", None)
+    if length and adopt is not None and adopt(draft_cache, target, target_cache, length):
+        return "copied from the target"
+    if length:
+        draft.forward(list(ids[:-1]), 0, draft_cache, logits=False)
+    return "computed"
 
 
 def measure_forward_costs(

@@ -41,6 +41,16 @@ def activations(rows: int, k: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+def packed_weight(dtype: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, scale, packed) for a seeded Gaussian [n, k] weight: float32 with
+    an empty scale, or int8 rows with their scales."""
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    scale = torch.empty(0)
+    if dtype == "int8":
+        weight, scale = quantize_int8(weight)
+    return weight, scale, kernels.pack_weight(weight)
+
+
 def test_kernels_use_every_torch_thread():
     # Built without OpenMP, at::parallel_for runs serially: decode then reads
     # weights on one core (measured 27 ms vs 20 ms a step on 2 cores).
@@ -62,11 +72,7 @@ def test_split_panels_give_the_same_bits(dtype, threads):
     # 9 panels (576 outputs): threads split them in half-panel units, so one
     # panel is shared; results must not depend on how the columns were split.
     n, k = 576, 96
-    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(4))
-    scale = torch.empty(0)
-    if dtype == "int8":
-        weight, scale = quantize_int8(weight)
-    packed = kernels.pack_weight(weight)
+    weight, scale, packed = packed_weight(dtype, n, k, seed=4)
     x = activations(6, k)
     before = torch.get_num_threads()
     try:
@@ -106,11 +112,7 @@ def test_int8_linear_matches_the_dequantized_weight(n, k):
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_rows_do_not_change_each_others_results(dtype):
     n, k = 200, 96
-    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
-    scale = torch.empty(0)
-    if dtype == "int8":
-        weight, scale = quantize_int8(weight)
-    packed = kernels.pack_weight(weight)
+    _, scale, packed = packed_weight(dtype, n, k, seed=2)
     x = activations(12, k)
     full = kernels.linear(x, packed, scale, n)
     for rows in range(1, 12):

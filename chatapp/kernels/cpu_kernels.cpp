@@ -279,25 +279,36 @@ inline void int8_rows(const int32_t* xq, int64_t rows, int64_t kp, const int8_t*
   }
 }
 
-// Within a panel, rows four at a time, so each weight vector loaded serves up
-// to four rows. (Five to eight rows in one pass, 32 columns at a time or with
-// more accumulators, measured no cheaper.)
+// Every panel part, rows four at a time, so each weight vector loaded serves
+// up to four rows: rows(panel, r0, count, vecs, out, c0) fills out[count][64]
+// (columns c0..c0+16*vecs-1), which then goes to y with the optional
+// per-row scale, per-column scale and bias. (Five to eight rows in one pass,
+// 32 columns at a time or with more accumulators, measured no cheaper.)
+template <typename Acc, typename Rows>
+void panel_linear(int64_t m, const Weight& w, const float* row_scale, const float* scale, const float* bias,
+                  float* yp, const Rows& rows) {
+  for_each_panel_part(w.panels(), [&](int64_t p, int64_t c0, int64_t width) {
+    Acc out[4 * kPanel];
+    for (int64_t r0 = 0; r0 < m; r0 += 4) {
+      const int64_t count = std::min<int64_t>(4, m - r0);
+      rows(p, r0, count, width == kPanel ? 4 : 2, out, c0);
+      store_panel(out, count, r0, p * kPanel, c0, width, w.n, row_scale, scale, bias, yp);
+    }
+  });
+}
+
 void float_linear(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
   const int64_t k = w.k();
   const float* wp = w.packed.data_ptr<float>();
-  for_each_panel_part(w.panels(), [&](int64_t p, int64_t c0, int64_t width) {
-    float out[4 * kPanel];
-    const float* panel = wp + p * k * kPanel;
-    for (int64_t r0 = 0; r0 < m; r0 += 4) {
-      const int64_t rows = std::min<int64_t>(4, m - r0);
-      if (width == kPanel) {
-        float_rows<4>(xp + r0 * k, rows, k, panel, out, c0);
-      } else {
-        float_rows<2>(xp + r0 * k, rows, k, panel, out, c0);
-      }
-      store_panel(out, rows, r0, p * kPanel, c0, width, w.n, nullptr, nullptr, bias, yp);
-    }
-  });
+  panel_linear<float>(m, w, nullptr, nullptr, bias, yp,
+                      [&](int64_t p, int64_t r0, int64_t count, int vecs, float* out, int64_t c0) {
+                        const float* panel = wp + p * k * kPanel;
+                        if (vecs == 4) {
+                          float_rows<4>(xp + r0 * k, count, k, panel, out, c0);
+                        } else {
+                          float_rows<2>(xp + r0 * k, count, k, panel, out, c0);
+                        }
+                      });
 }
 
 // x row -> int16 pairs and the row's scale, x ~= xq * scale. The scale keeps
@@ -346,20 +357,15 @@ void int8_linear(const float* xp, int64_t m, const Weight& w, const float* bias,
   float* xs = scratch<float>(kRowScale, m);
   for (int64_t r = 0; r < m; ++r) quantize_row(xp + r * k, k, xq + r * kp, xs + r);
   const int8_t* wp = w.packed.data_ptr<int8_t>();
-  const float* scale = w.scale.data_ptr<float>();
-  for_each_panel_part(w.panels(), [&](int64_t p, int64_t c0, int64_t width) {
-    int32_t out[4 * kPanel];
-    const int8_t* panel = wp + p * k * kPanel;
-    for (int64_t r0 = 0; r0 < m; r0 += 4) {
-      const int64_t rows = std::min<int64_t>(4, m - r0);
-      if (width == kPanel) {
-        int8_rows<4>(xq + r0 * kp, rows, kp, panel, out, c0);
-      } else {
-        int8_rows<2>(xq + r0 * kp, rows, kp, panel, out, c0);
-      }
-      store_panel(out, rows, r0, p * kPanel, c0, width, w.n, xs, scale, bias, yp);
-    }
-  });
+  panel_linear<int32_t>(m, w, xs, w.scale.data_ptr<float>(), bias, yp,
+                        [&](int64_t p, int64_t r0, int64_t count, int vecs, int32_t* out, int64_t c0) {
+                          const int8_t* panel = wp + p * k * kPanel;
+                          if (vecs == 4) {
+                            int8_rows<4>(xq + r0 * kp, count, kp, panel, out, c0);
+                          } else {
+                            int8_rows<2>(xq + r0 * kp, count, kp, panel, out, c0);
+                          }
+                        });
 }
 
 void linear_into(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
