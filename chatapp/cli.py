@@ -12,6 +12,7 @@ import platform
 import sys
 import time
 
+from .errors import one_line
 from .settings import SettingsError, load_settings
 
 EXIT_USAGE = 2
@@ -133,8 +134,7 @@ def cmd_generate(args) -> int:
                     "text": turn.text,
                     "token_ids": [t.id for t in turn.tokens],
                     "sources": [t.source for t in turn.tokens],
-                    "stats": stats.to_dict(),
-                    "k_choice": turn.k_choice,
+                    "stats": turn.record(),
                     "target": pair.target.info.__dict__,
                     "draft": pair.draft.info.__dict__,
                 }
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (SettingsError, ModelLoadError, ValueError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -223,7 +223,3 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("error: out of memory loading or running the model; try a smaller model", file=sys.stderr)
         return 1
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

@@ -30,6 +30,7 @@ import torch
 
 from .lm import DecoderLM
 from .sampling import SamplingParams, logits_to_probs, new_generator, sample
+from .settings import K_MAX, K_MIN
 from .stats import Baseline, TurnStats
 
 MODES = ("speculative", "standard")
@@ -98,8 +99,8 @@ class Generation:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "speculative" and draft is None:
             raise ValueError("speculative mode needs a draft model")
-        if not 1 <= k <= 64:
-            raise ValueError(f"k must be in 1..64, got {k}")
+        if not K_MIN <= k <= K_MAX:
+            raise ValueError(f"k must be in {K_MIN}..{K_MAX}, got {k}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompt_ids = [int(t) for t in prompt_ids]

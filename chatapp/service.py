@@ -12,15 +12,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .autok import AcceptanceTracker, KChoice, calibrate_tracker
 from .chat import StreamDecoder, build_prompt
-from .engine import Generation, Token, measure_forward_costs
+from .engine import Generation, Token
 from .models import ModelPair, stop_token_ids
 from .sampling import SamplingParams
 from .settings import DecodingSettings
-from .stats import AcceptanceTracker, Baseline, TurnStats
+from .stats import Baseline, TurnStats
 
 CALIBRATION_PROMPT = "Write a short paragraph about the history of the bicycle."
-MAX_K = 16  # the largest K auto K may choose (settings allow 1..16)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Turn:
     generation: Generation
     decoder: StreamDecoder
     notice: str | None
-    k_choice: str  # "fixed" or "auto (a=..., c=...)"
+    k_choice: KChoice | None  # None for a standard-mode reply the user asked for
     text: str = ""
     _tracker: AcceptanceTracker | None = field(default=None, repr=False)
 
@@ -65,23 +65,15 @@ class Turn:
     def stop(self) -> None:
         self.generation.stop()
 
-
-def calibrate_tracker(tracker: AcceptanceTracker, target, draft, ids: list[int], new_tokens: int = 32) -> TurnStats:
-    """Seed auto K's tracker on this machine: a standard run (its stats are
-    returned: their rate is the speedup baseline), the forward-cost table
-    (target forwards of 1..MAX_K+1 tokens, draft steps), then a greedy K=4
-    probe whose acceptance is the prior until real turns come in."""
-    Generation(target, None, ids, mode="standard", max_new_tokens=4).run()  # warm-up
-    standard = Generation(target, None, ids, mode="standard", max_new_tokens=new_tokens)
-    standard.run()
-    tracker.record_costs(standard.stats)
-    tracker.record_calibration(*measure_forward_costs(target, draft, ids, MAX_K + 1))
-    probe = Generation(target, draft, ids, mode="speculative", k=4, max_new_tokens=new_tokens)
-    probe.run()
-    tracker.record_costs(probe.stats)
-    if probe.stats.acceptance_rate is not None:
-        tracker.prior_rate = probe.stats.acceptance_rate
-    return standard.stats
+    def record(self) -> dict:
+        """The one plain-JSON record of this reply: its stats, how K was
+        chosen and the prompt notice (the UI stores it in the browser, the
+        CLI prints it, the benchmark keeps it)."""
+        return {
+            **self.stats.to_dict(),
+            "k_choice": self.k_choice.to_dict() if self.k_choice else None,
+            "notice": self.notice,
+        }
 
 
 class ChatService:
@@ -117,23 +109,23 @@ class ChatService:
         system = decoding.system_prompt if system is None else system
         reserve = min(decoding.max_new_tokens, self.context // 2)
         prompt = build_prompt(self.tokenizer, history, system or None, self.context - reserve)
-        k, k_choice = decoding.k, "fixed"
-        if decoding.auto_k and decoding.mode == "speculative":
-            k = self.tracker.choose_k(MAX_K)
-            k_choice = (
-                f"auto (a={self.tracker.acceptance_rate:.2f}, c={self.tracker.cost_ratio:.2f}, "
-                f"verify +{self.tracker.verify_slope:.2f} step/token)"
-            )
+        choice = self.choose_k(decoding)
         generation = Generation(
             self.pair.target,
             self.pair.draft,
             prompt.ids,
-            mode=decoding.mode,
-            k=k,
+            mode="speculative" if choice and choice.speculative else "standard",
+            k=choice.k if choice and choice.speculative else decoding.k,
             sampling=SamplingParams(decoding.temperature, decoding.top_k, decoding.top_p),
             max_new_tokens=decoding.max_new_tokens,
             stop_ids=self.stop_ids,
             seed=decoding.seed,
             baseline=self.baseline,
         )
-        return Turn(generation, StreamDecoder(self.tokenizer), prompt.notice, k_choice, _tracker=self.tracker)
+        return Turn(generation, StreamDecoder(self.tokenizer), prompt.notice, choice, _tracker=self.tracker)
+
+    def choose_k(self, decoding: DecodingSettings) -> KChoice | None:
+        """How the next reply picks K; None when the user chose standard mode."""
+        if decoding.mode != "speculative":
+            return None
+        return self.tracker.choose(decoding.k, decoding.auto_k)

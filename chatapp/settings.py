@@ -34,6 +34,13 @@ CONFIG_ENV_VAR = ENV_PREFIX + "CONFIG"
 COMMAND_LINE = "command line"
 
 
+# The limits every layer reads (settings, UI sliders, service, engine, bench).
+K_MIN, K_MAX = 1, 16  # draft tokens per speculative round
+TEMPERATURE_MAX = 10.0
+MAX_NEW_TOKENS_MAX = 8192
+SEED_MAX = 2**64 - 1  # torch generators take an unsigned 64-bit seed
+
+
 class SettingsError(ValueError):
     """A bad setting; the message is one line naming the key and its source."""
 
@@ -111,12 +118,12 @@ _RULES: dict[str, _Rule] = {
     "model.draft_quantization": _one_of("auto", "bnb-int8", "int8-weight-only", "none"),
     "model.max_context": _at_least(64),
     "decoding.mode": _one_of("speculative", "standard"),
-    "decoding.k": _between(1, 16),
-    "decoding.temperature": _between(0, 10),
+    "decoding.k": _between(K_MIN, K_MAX),
+    "decoding.temperature": _between(0, TEMPERATURE_MAX),
     "decoding.top_p": ((lambda v: 0 < v <= 1), "is out of range (0, 1]"),
     "decoding.top_k": _at_least(0),
-    "decoding.max_new_tokens": _between(1, 8192),
-    "decoding.seed": _at_least(0),
+    "decoding.max_new_tokens": _between(1, MAX_NEW_TOKENS_MAX),
+    "decoding.seed": _between(0, SEED_MAX),
     "server.port": _between(1, 65535),
 }
 

@@ -487,9 +487,9 @@ def test_close_before_the_first_round_ends_the_generation(chat_models, iterator_
 BAD_GENERATIONS = {
     "empty prompt": (lambda m: dict(prompt=[]), "prompt is empty"),
     "prompt fills the context": (lambda m: dict(prompt=[1] * m.max_positions), "context holds 96"),
-    "k=0": (lambda m: dict(k=0), r"k must be in 1\.\.64, got 0"),
-    "k=65": (lambda m: dict(k=65), r"k must be in 1\.\.64, got 65"),
-    "k=0 standard": (lambda m: dict(k=0, mode="standard"), r"k must be in 1\.\.64, got 0"),
+    "k=0": (lambda m: dict(k=0), r"k must be in 1\.\.16, got 0"),
+    "k=17": (lambda m: dict(k=17), r"k must be in 1\.\.16, got 17"),
+    "k=0 standard": (lambda m: dict(k=0, mode="standard"), r"k must be in 1\.\.16, got 0"),
     "max_new_tokens=0": (lambda m: dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
     "unknown mode": (lambda m: dict(mode="turbo"), "mode must be one of .*'turbo'"),
     "speculative without draft": (lambda m: dict(draft=None), "speculative mode needs a draft model"),
@@ -666,7 +666,8 @@ def _turn(mode, k=0, *, accepted=0, rejected=0, rounds=1, draft_ms=0.0, verify_m
 
 
 def test_auto_k_uses_measured_costs():
-    from chatapp.stats import AcceptanceTracker, expected_speedup_with_costs
+    from chatapp.autok import AcceptanceTracker
+    from chatapp.stats import expected_speedup_with_costs
 
     tracker = AcceptanceTracker()
     tracker.record(_turn("standard", verify_ms=30.0, forwards=20))  # target step 30 ms
@@ -684,7 +685,8 @@ def test_auto_k_uses_measured_costs():
 
 
 def test_auto_k_averages_over_the_recent_turns():
-    from chatapp.stats import AcceptanceTracker, expected_speedup_with_costs
+    from chatapp.autok import AcceptanceTracker
+    from chatapp.stats import expected_speedup_with_costs
 
     def tracker_with(rates):
         tracker = AcceptanceTracker()
@@ -708,7 +710,7 @@ def test_auto_k_averages_over_the_recent_turns():
 
 
 def test_verify_cost_table_interpolates_and_extrapolates():
-    from chatapp.stats import AcceptanceTracker
+    from chatapp.autok import AcceptanceTracker
 
     tracker = AcceptanceTracker()
     for tokens, ms in [(1, 30.0), (4, 30.0), (5, 40.0), (8, 40.0)]:
@@ -722,7 +724,8 @@ def test_verify_cost_table_interpolates_and_extrapolates():
 
 
 def test_auto_k_follows_a_step_shaped_verify_cost():
-    from chatapp.stats import AcceptanceTracker, expected_speedup_with_costs
+    from chatapp.autok import AcceptanceTracker
+    from chatapp.stats import expected_speedup_with_costs
 
     # Up to 4 tokens a forward costs one step, from 5 tokens two: the kink of
     # kernels that take rows four at a time, which no line through (1, 1) fits.
