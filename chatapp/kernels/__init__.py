@@ -15,12 +15,14 @@ import os
 import sys
 from pathlib import Path
 
+from ..paths import cache_dir
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 
 def build_dir() -> Path:
-    root = Path(os.environ.get("SPECCHAT_CACHE_DIR", Path.home() / ".cache" / "specchat"))
-    return root / "kernels"
+    """Where the compiled extension lives: the kernels folder of the shared cache."""
+    return cache_dir() / "kernels"
 
 
 @functools.lru_cache(maxsize=1)
