@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .lm import DecoderLM
-from .sampling import SamplingParams, logits_to_probs, new_generator, sample
+from .sampling import SamplingParams, logits_to_probs, new_generator, sample_index
 from .settings import K_MAX, K_MIN
 from .stats import Baseline, TurnStats
 
@@ -52,28 +52,47 @@ def clock(device: torch.device) -> float:
 
 
 def speculative_accept(
-    p: torch.Tensor, q: torch.Tensor, proposals: list[int], generator: torch.Generator
-) -> tuple[int, int]:
-    """The accept/reject rule of speculative sampling.
+    p: torch.Tensor, q: torch.Tensor, proposals: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accept/reject rule of speculative sampling, on the device.
 
     p: [k+1, V] target distributions, q: [k, V] draft distributions, proposals:
-    the k draft tokens (each drawn from its row of q). Returns how many were
-    accepted and the token that ends the round (a resample or the bonus).
+    [k] draft tokens (each drawn from its row of q). Returns 0-d tensors: how
+    many were accepted and the token that ends the round (a resample or the
+    bonus). Nothing waits for the device.
     """
-    k = len(proposals)
+    k = proposals.shape[0]
     rows = torch.arange(k, device=p.device)
-    picked = torch.tensor(proposals, device=p.device)
     r = torch.rand(k, generator=generator, device=p.device)
     # r < p/q, written without a division; q(x) > 0 because x was drawn from q.
-    keep = (r * q[rows, picked] < p[rows, picked]).tolist()
-    accepted = keep.index(False) if False in keep else k
-    if accepted == k:
-        return k, sample(p[k], generator)
+    keep = r * q[rows, proposals] < p[rows, proposals]
+    accepted = torch.cumprod(keep.to(torch.long), dim=0).sum()
+    # A zero row k in q makes row k's residual p[k] itself: the bonus token's distribution.
+    q = torch.cat([q, q.new_zeros(1, q.shape[1])])
     residual = torch.clamp(p[accepted] - q[accepted], min=0.0)
     total = residual.sum()
     # p(x) < q(x) guarantees mass; guard against float underflow anyway.
-    residual = residual / total if total > 0 else p[accepted]
-    return accepted, sample(residual, generator)
+    residual = torch.where(total > 0, residual / total.clamp(min=torch.finfo(total.dtype).tiny), p[accepted])
+    return accepted, sample_index(residual, generator)
+
+
+class RoundTimer:
+    """Timestamps within a round that never wait for the device: CUDA events
+    there (read after the round's one sync), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        """Only after the device has passed `end` (the round's sync)."""
+        return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
 
 
 class Generation:
@@ -174,6 +193,7 @@ class Generation:
     def _run(self) -> Iterator[list[Token]]:
         device = self.target.device
         self._generator = new_generator(self.seed, device)
+        self._timer = RoundTimer(device)
         self._ids = list(self.prompt_ids)
         capacity = min(self.max_positions, len(self._ids) + self.max_new_tokens + self.k + 1)
         start = clock(device)
@@ -201,7 +221,7 @@ class Generation:
                     self.stats.stop_reason = "max_new_tokens"
                 elif len(self._ids) >= self.max_positions:
                     self.stats.stop_reason = "context"
-                self.stats.wall_s = clock(device) - start
+                self.stats.wall_s = time.perf_counter() - start  # the round has synced already
                 yield emitted
         except GeneratorExit:
             self.stats.stop_reason = self.stats.stop_reason or "stopped"
@@ -229,69 +249,75 @@ class Generation:
         )
         return len(self._ids) - 1
 
-    def _choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """A token from one row of logits, and the distribution it came from."""
+    def _pending(self, fed: int) -> torch.Tensor:
+        """The tokens after the first `fed`, as ids on the target's device."""
+        return torch.tensor(self._ids[fed:], dtype=torch.long, device=self.target.device)
+
+    def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A token (0-d tensor) from one row of logits, and the distribution it came from."""
         if self.sampling.greedy:
-            return int(torch.argmax(logits)), None
+            return torch.argmax(logits), None
         probs = logits_to_probs(logits.view(1, -1), self.sampling)[0]
-        return sample(probs, self._generator), probs
+        return sample_index(probs, self._generator), probs
 
     def _target_step(self) -> list[Token]:
         """Standard decoding: one target forward on the last token."""
-        t0 = clock(self.target.device)
-        logits = self.target.forward(self._ids[self._target_len :], self._target_len, self._target_cache)
+        t0 = self._timer.mark()
+        logits = self.target.forward(self._pending(self._target_len), self._target_len, self._target_cache)
         token, _ = self._choose(logits[-1, : self._vocab])
+        t1 = self._timer.mark()
+        token = int(token)  # the step's one host sync
         self.stats.target_forwards += 1
-        self.stats.target_s += clock(self.target.device) - t0
+        self.stats.target_s += self._timer.seconds(t0, t1)
         return [Token(token, "standard")]
 
     def _speculative_round(self, k: int) -> list[Token]:
         assert self.draft is not None
-        n = len(self._ids)
-        vocab = self._vocab
-        p_device = self.target.device
-
+        n, vocab, device = len(self._ids), self._vocab, self.target.device
+        # Everything stays on the device until the round's tokens are read
+        # once at its end: no host sync per draft token.
+        t0 = self._timer.mark()
         # Draft proposes k tokens. Its pending input is 1 token, or 2 after a
         # round that ended with a bonus (the last draft token was never fed).
-        t0 = clock(self.draft.device)
         # Sampling and acceptance happen on the target's device, with one generator.
-        logits = self.draft.forward(self._ids[self._draft_len :], self._draft_len, self._draft_cache)[-1].to(p_device)
-        proposals: list[int] = []
+        logits = self.draft.forward(self._pending(self._draft_len), self._draft_len, self._draft_cache)[-1]
+        proposals: list[torch.Tensor] = []
         draft_probs: list[torch.Tensor] = []
         for i in range(k):
-            token, probs = self._choose(logits[:vocab])
+            token, probs = self._choose(logits[:vocab].to(device))
             proposals.append(token)
             if probs is not None:
                 draft_probs.append(probs)
             if i < k - 1:
-                logits = self.draft.forward([token], n + i, self._draft_cache)[-1].to(p_device)
-        self.stats.draft_forwards += k
+                logits = self.draft.forward(token.view(1), n + i, self._draft_cache)[-1]
+        proposed = torch.stack(proposals)
         self._draft_len = n + k - 1
 
         # Target scores the pending token and all k proposals in one forward.
-        t1 = clock(self.target.device)
-        target_logits = self.target.forward(
-            self._ids[self._target_len :] + proposals, self._target_len, self._target_cache
-        )[-(k + 1) :, :vocab]
-        self.stats.target_forwards += 1
-
+        t1 = self._timer.mark()
+        fed = torch.cat([self._pending(self._target_len), proposed])
+        target_logits = self.target.forward(fed, self._target_len, self._target_cache)[-(k + 1) :, :vocab]
         if self.sampling.greedy:
-            choices = torch.argmax(target_logits, dim=-1).tolist()
-            accepted = 0
-            while accepted < k and proposals[accepted] == choices[accepted]:
-                accepted += 1
+            choices = torch.argmax(target_logits, dim=-1)
+            accepted = torch.cumprod((proposed == choices[:k]).to(torch.long), dim=0).sum()
             final = choices[accepted]
         else:
             p = logits_to_probs(target_logits, self.sampling)
-            accepted, final = speculative_accept(p, torch.stack(draft_probs), proposals, self._generator)
-        self.stats.target_s += clock(self.target.device) - t1
-        self.stats.draft_s += t1 - t0
+            accepted, final = speculative_accept(p, torch.stack(draft_probs), proposed, self._generator)
+        t2 = self._timer.mark()
+        *tokens, final, accepted = torch.cat(  # the round's one host sync
+            [proposed, torch.as_tensor(final, device=device).view(1), torch.as_tensor(accepted, device=device).view(1)]
+        ).tolist()
+        self.stats.draft_s += self._timer.seconds(t0, t1)
+        self.stats.target_s += self._timer.seconds(t1, t2)
+        self.stats.draft_forwards += k
+        self.stats.target_forwards += 1
         self.stats.rounds += 1
         self.stats.drafted += k
         self.stats.accepted += accepted
         self.stats.rejected += accepted < k
 
-        out = [Token(t, "draft") for t in proposals[:accepted]]
+        out = [Token(t, "draft") for t in tokens[:accepted]]
         out.append(Token(final, "bonus" if accepted == k else "target"))
         return out
 

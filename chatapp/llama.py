@@ -19,15 +19,13 @@ loaded transformers model:
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .kernels import cpu_kernels
-from .lm import ModelInfo, as_id_tensor
+from .lm import ModelInfo, as_id_tensor, weights_origin
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 INT8 = "int8-weight-only"
@@ -52,12 +50,6 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 NO_TENSOR = torch.empty(0)
-
-# HF model object -> an id of its weights. Weak keys: a copy (copy.deepcopy,
-# a perturbed draft) is a new object and gets its own id.
-_ORIGINS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
-_ORIGIN_COUNTER = itertools.count()
-
 
 class Linear:
     """y = x @ W.T (+ b). Float weights, or int8 rows with one fp32 scale each.
@@ -119,7 +111,7 @@ class LlamaDecoderLM:
         base = hf_model.model
         # Decoders built from the same HF model object (the target and its int8
         # copy) share an origin: their caches hold comparable keys and values.
-        self.origin = _ORIGINS.setdefault(hf_model, next(_ORIGIN_COUNTER))
+        self.origin = weights_origin(hf_model)
         first = next(hf_model.parameters())
         self.device = first.device
         self.dtype = torch.float32 if quantize else first.dtype

@@ -24,6 +24,8 @@ Llama-family models.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -54,6 +56,18 @@ class DecoderLM(Protocol):
     def new_cache(self, capacity: int) -> Any: ...
 
     def forward(self, ids: Sequence[int], start: int, cache: Any, *, logits: bool = True) -> torch.Tensor | None: ...
+
+
+# HF model object -> an id of its weights. Weak keys: a copy (copy.deepcopy,
+# a perturbed draft) is a new object and gets its own id.
+_ORIGINS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+_ORIGIN_COUNTER = itertools.count()
+
+
+def weights_origin(hf_model: torch.nn.Module) -> int:
+    """One id per loaded model object: decoders built from the same object (a
+    target and its INT8 copy) hold comparable keys and values."""
+    return _ORIGINS.setdefault(hf_model, next(_ORIGIN_COUNTER))
 
 
 def as_id_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:

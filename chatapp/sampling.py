@@ -61,15 +61,22 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token id from a [V] distribution, by inverting its CDF with one
-    uniform draw (torch.multinomial took ~1 ms on a 49k vocabulary on CPU)."""
+def sample_index(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token id from a [V] distribution as a 0-d tensor on its device, by
+    inverting its CDF with one uniform draw (torch.multinomial took ~1 ms on a
+    49k vocabulary on CPU). Nothing here waits for the device, so a GPU round
+    can sample without a host sync."""
     cdf = torch.cumsum(probs, dim=0, dtype=torch.float64)
     u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[-1]
-    index = int(torch.searchsorted(cdf, u, right=True))
-    if index >= probs.shape[0]:  # u rounded up to the total: the last token with mass
-        index = int(torch.nonzero(probs).max())
-    return index
+    index = torch.searchsorted(cdf, u, right=True)[0]
+    # u rounded up to the total: take the last token with mass instead.
+    last = probs.shape[0] - 1 - torch.argmax((probs > 0).flip(0).to(torch.uint8))
+    return torch.where(index >= probs.shape[0], last, index)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """sample_index as a Python int."""
+    return int(sample_index(probs, generator))
 
 
 def new_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

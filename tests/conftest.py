@@ -69,9 +69,16 @@ def _static_llama(hf_model) -> DecoderLM:
     return LlamaDecoderLM.from_hf(hf_model)
 
 
+def _graph_llama(hf_model) -> DecoderLM:
+    from chatapp.graph_llama import GraphLlamaLM
+
+    return GraphLlamaLM.from_hf(hf_model)  # eager on CPU; tests/test_graph_llama.py compiles it
+
+
 MODEL_FACTORIES: dict[str, Callable[[Any], DecoderLM]] = {
     "hf": HFDecoderLM,
     "llama": _static_llama,
+    "graph": _graph_llama,
 }
 
 
