@@ -1,4 +1,4 @@
-"""Tests for chatapp.bench: options, prompts, summaries, theory, goals, and a tiny end-to-end run.
+"""Tests for the chatapp.bench package: options, prompts, summaries, theory, goals, and a tiny end-to-end run.
 
 Everything runs on tiny random Llama models built here; no network, no real model.
 """
@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from chatapp import bench as B
+from chatapp.autok import AcceptanceTracker, KChoice
+from chatapp.bench import HF_MODES, goals, runs
 from chatapp.cli import build_parser
 from chatapp.settings import load_settings
 
@@ -279,11 +281,30 @@ def test_goals_not_measured_without_runs():
 
 def test_cost_and_acceptance_needed_are_consistent():
     a, target = 0.8, 2.0
-    c = B._cost_needed(a, target)
-    assert c is not None and B._ceiling(a, c)[1] == pytest.approx(target)
-    assert B._ceiling(a, c * 1.05)[1] < target
-    need_a = B._acceptance_needed(0.3, target)
-    assert B._ceiling(need_a, 0.3)[1] >= target > B._ceiling(need_a - 0.001, 0.3)[1]
+    c = goals.cost_needed(a, target)
+    assert c is not None and goals.speedup_ceiling(a, c)[1] == pytest.approx(target)
+    assert goals.speedup_ceiling(a, c * 1.05)[1] < target
+    need_a = goals.acceptance_needed(0.3, target)
+    assert goals.speedup_ceiling(need_a, 0.3)[1] >= target > goals.speedup_ceiling(need_a - 0.001, 0.3)[1]
+
+
+def test_goals_read_the_threshold_table():
+    summary = B.summarize(good_runs())  # standard runs at 2.5x hf-generate
+    assert B.evaluate_goals(summary, MICRO)[0].status == "PASS"
+    stricter = {**B.GOALS, "standard_vs_hf": 3.0}
+    goal = B.evaluate_goals(summary, MICRO, stricter)[0]
+    assert goal.status == "FAIL" and goal.checks[0].threshold == 3.0 and "3x hf-generate" in goal.title
+    # the report shows each check with the direction the goal gave it, not one guessed from its name
+    check = goal.to_dict()["checks"][-1]
+    assert check["higher_is_better"] is False and "(needs <= 1.5)" in B.Check.from_dict(check).text()
+
+
+def test_k_choice_is_described_from_its_dict():
+    auto = KChoice(k=7, auto=True, acceptance_rate=0.981, cost_ratio=0.294, verify_slope=0.05, expected_speedup=2.1)
+    assert runs.describe_k_choice(auto.to_dict()) == "auto: a=0.98 c=0.29 → K=7"
+    assert runs.describe_k_choice({**auto.to_dict(), "k": 0}) == "auto: a=0.98 c=0.29 → standard"
+    assert runs.describe_k_choice(KChoice(k=4, auto=False).to_dict()) == "fixed K=4"
+    assert runs.describe_k_choice(None) == "standard"
 
 
 # --- tiny models, end to end -----------------------------------------------------------------
@@ -348,7 +369,19 @@ def test_tiny_end_to_end(tiny, tmp_path):
         assert r["new_tokens"] == 10 and r["wall_s"] > 0 and r["tokens_per_s"] > 0
         for key in ("mode", "k", "temperature", "prompt_id", "peak_rss_bytes"):
             assert key in r
-        if r["mode"] in ("speculative", "auto-k"):
+        if r["mode"] in HF_MODES:
+            continue
+        # our engine's record: its TurnStats.to_dict() fields plus the bench's own
+        assert {"rounds", "drafted", "accepted", "rejected", "target_forwards", "engine_wall_s"} <= set(r)
+        assert r["decoding"] == ("speculative" if r["k"] else "standard")
+        if r["mode"] == "standard":
+            assert r["k_choice"] is None
+        elif r["mode"] == "speculative":
+            assert r["k_choice"] == KChoice(k=r["k"], auto=False).to_dict()
+        else:  # auto-k: the tracker's choice, as a dict; K = 0 means it ran standard decoding
+            assert r["k_choice"]["auto"] is True and r["k_choice"]["k"] == r["k"]
+            assert r["k_choice"]["cost_ratio"] > 0
+        if r["decoding"] == "speculative":
             assert 0 <= r["acceptance_rate"] <= 1 and r["draft_step_s"] > 0 and r["verify_step_s"] > 0
     micro = data["micro"]
     assert micro["target_step_s"] > 0 and micro["draft_step_s"] > 0 and set(micro["verify_s"]) == {"2", "3"}
@@ -366,7 +399,29 @@ def test_tiny_end_to_end(tiny, tmp_path):
     assert report.count("**PASS**") + report.count("**FAIL**") + report.count("**NOT MEASURED**") == 5
     assert "speculative K=3 T=0.7" in report and "tokens_per_s.png" in report
     assert files["report"] == tmp_path / "report.md"
+    assert "## Auto-K trackers at the end" in report and "- T=0: auto: a=" in report
     assert B.headline_from_results(tmp_path / "results.json") == B.headline_table(result["summary"], result["paired_vs_standard"])
+
+
+class StandardChoosingTracker(AcceptanceTracker):
+    """A tracker whose auto K always answers K = 0: standard decoding would be faster."""
+
+    def choose(self, k, auto):
+        return KChoice(k=0, auto=True, acceptance_rate=0.5, cost_ratio=0.9, verify_slope=0.1, expected_speedup=0.8)
+
+
+def test_auto_k_choosing_standard_runs_standard_decoding(tiny):
+    prompt = B.BenchPrompt("p0", "cat", tuple(range(3, 15)))
+    options = B.Options(max_new_tokens=8)
+    kwargs = {"max_new_tokens": 8, "seed": 0, "options": options}
+    auto = B.run_config(tiny, B.Config("auto-k", 0, 0.0), prompt, tracker=StandardChoosingTracker(), **kwargs)
+    standard = B.run_config(tiny, B.Config("standard", 0, 0.0), prompt, **kwargs)
+    assert auto["mode"] == "auto-k" and auto["decoding"] == "standard" and auto["k"] == 0
+    assert auto["k_choice"] == StandardChoosingTracker().choose(4, True).to_dict()
+    assert auto["drafted"] == 0 and auto["draft_forwards"] == 0
+    assert auto["token_ids"] == standard["token_ids"]
+    with pytest.raises(ValueError, match="auto-k needs"):
+        B.run_config(tiny, B.Config("auto-k", 0, 0.0), prompt, **kwargs)
 
 
 def test_deadline_keeps_at_least_two_prompts_and_lists_the_rest(tiny):
