@@ -295,27 +295,32 @@ class GraphLlamaLM:
         lm._describe(embed.how if int8 else "")
         return lm
 
-    def int8_copy(self, info: ModelInfo | None = None) -> GraphLlamaLM:
-        """An INT8 draft from this model's own weights (no second load of the checkpoint); it shares
-        this model's origin, so it may take this model's prompt keys/values."""
+    def copy(self, *, int8: bool, info: ModelInfo | None = None) -> GraphLlamaLM:
+        """A draft from this model's own weights, with keys/values of its own: INT8 (quantized from
+        these weights, no second load of the checkpoint), or the same weights shared. It keeps this
+        model's origin, so it may take this model's prompt keys/values."""
         source = self.model
+
+        def linear(layer: Linear) -> Linear:
+            return Linear(_dequantized(layer), layer.bias, self.dtype, True) if int8 else layer
+
         blocks = [
-            Block((b.attn_norm, b.mlp_norm), {name: Linear(_dequantized(getattr(b, name)), getattr(b, name).bias,
-                                                            self.dtype, True)
-                                              for name in ("qkv", "o", "gate_up", "down")})
+            Block((b.attn_norm, b.mlp_norm), {name: linear(getattr(b, name)) for name in ("qkv", "o", "gate_up", "down")})
             for b in source.blocks
         ]
-        embed = Linear(_dequantized(source.embed), None, self.dtype, True)
-        tied = source.lm_head is source.embed
-        lm_head = embed if tied else Linear(_dequantized(source.lm_head), None, self.dtype, True)
+        embed = linear(source.embed)
+        lm_head = embed if source.lm_head is source.embed else linear(source.lm_head)
         transformer = Transformer(source.shape, embed, blocks, source.norm, lm_head, source.cos, source.sin)
         info = info or ModelInfo(name=self.info.name, source=self.info.source)
         info.parameters = self.info.parameters
-        copy = GraphLlamaLM(transformer, origin=self.origin, rows=DRAFT_ROWS, info=info,
+        copy = GraphLlamaLM(transformer, origin=self.origin, rows=DRAFT_ROWS if int8 else self.rows, info=info,
                             compile_mode=self.compile_mode)
         copy.max_positions = self.max_positions
-        copy._describe(embed.how)
+        copy._describe(embed.how if int8 else "")
         return copy
+
+    def int8_copy(self, info: ModelInfo | None = None) -> GraphLlamaLM:
+        return self.copy(int8=True, info=info)
 
     def _describe(self, quantized_by: str) -> None:
         info = self.info

@@ -5,19 +5,30 @@ checks the draft speaks the target's vocabulary (chatapp.models.tokenizers),
 loads the weights (safetensors only; remote code only when
 model.trust_remote_code is true) on the chosen device and dtype, and returns
 a `ModelPair`: a target and a draft `DecoderLM` sharing one tokenizer, both
-capped at model.max_context, ready for chatapp.engine. Llama-family models run
-through chatapp.llama's fast decoder, others through `HFDecoderLM`. Nothing
-here decodes text or generates. Every failure is a one-line `ModelLoadError`.
+capped at model.max_context, ready for chatapp.engine. Nothing here decodes
+text or generates. Every failure is a one-line `ModelLoadError`.
 
-The draft: an empty model.draft means an INT8 copy of the target (the same
-weights). model.draft_quantization:
+Which decoder runs a model (`choose_decoder`):
 
-    auto              bnb-int8 on CUDA (int8-weight-only when bitsandbytes or
-                      accelerate is missing), int8-weight-only on CPU
-    bnb-int8          bitsandbytes LLM.int8 (CUDA only), run by transformers
-    int8-weight-only  chatapp.llama's int8 weight-only decoder (Llama family only)
-    none              the draft in the target's dtype, for comparisons; with an
-                      empty model.draft the draft *is* the target object
+    Llama family on CUDA            chatapp.graph_llama (static shapes, CUDA graphs)
+    Llama family on CPU, kernels    chatapp.llama (batch-invariant CPU kernels)
+    Llama family on CPU, no kernels chatapp.graph_llama, eager (exact by padded rows)
+    any other architecture          HFDecoderLM (transformers, dynamic cache)
+
+The draft: an empty model.draft means an INT8 copy of the target, built from
+the target's own weights. model.draft_quantization:
+
+    auto              int8-weight-only
+    int8-weight-only  int8 weights in the activation dtype (Llama family only):
+                      bitsandbytes' row-wise format on CUDA, our kernels on CPU
+    bnb-int8          bitsandbytes LLM.int8 run by transformers (CUDA only):
+                      int8 activations too, and slow at batch 1 (many small
+                      kernels, a host sync per layer): for comparison only
+    none              the draft in the target's dtype, for comparisons
+
+On CUDA the HF model's layers are released as they are fused, so loading
+peaks near the pair's own size; the graph decoders compile at load
+(`prepare`), and the seconds it took are in info.extra["compile_s"].
 
 For non-Llama models int8-weight-only is not available: asked for explicitly
 it is a `ModelLoadError`; chosen by "auto" the draft runs unquantized
@@ -36,8 +47,9 @@ from typing import Any
 
 import torch
 
-from .. import llama
+from .. import graph_llama, llama
 from ..errors import progress_to_stderr
+from ..kernels import cpu_kernels
 from ..lm import DecoderLM, HFDecoderLM, ModelInfo, count_weights
 from .cache import Progress
 from .errors import ModelLoadError, load_error
@@ -48,7 +60,8 @@ from .tokenizers import check_compatible, load_tokenizer
 
 INT8 = "int8-weight-only"
 BNB = "bnb-int8"
-BNB_LABEL = "bitsandbytes LLM.int8 (CUDA)"
+BNB_LABEL = "bitsandbytes LLM.int8: int8 weights and activations, fp16 outlier columns (slow at batch 1)"
+GRAPH, KERNELS, HF = "graph", "kernels", "hf"  # the decoders choose_decoder picks from
 
 
 @dataclass
@@ -88,7 +101,7 @@ def _bnb_available() -> bool:
 def resolve_draft_quantization(setting: str, device: torch.device) -> str:
     """'bnb-int8', 'int8-weight-only' or 'none' for this device."""
     if setting == "auto":
-        return BNB if device.type == "cuda" and _bnb_available() else INT8
+        return INT8
     if setting == BNB and device.type != "cuda":
         raise ModelLoadError("model.draft_quantization = bnb-int8 needs a CUDA GPU; use int8-weight-only on CPU")
     if setting == BNB and not _bnb_available():
@@ -157,10 +170,23 @@ def _info(spec: str, model, device: torch.device, dtype: str, quantization: str 
     )
 
 
+def choose_decoder(config, device: torch.device) -> str:
+    """GRAPH, KERNELS or HF: which decoder runs a model of this config on this device."""
+    if not llama.supports(config):
+        return HF
+    if device.type == "cpu" and cpu_kernels() is not None:
+        return KERNELS
+    return GRAPH
+
+
 def _wrap(model, spec: str, device: torch.device, quantize: str | None) -> DecoderLM:
-    """The model behind the DecoderLM interface: chatapp.llama's fast path when it applies."""
+    """The model behind the DecoderLM interface, by choose_decoder. The graph decoder takes the
+    HF model's layers as it goes (the caller must not use `model` afterwards)."""
     info = _info(spec, model, device, _dtype_name(next(model.parameters()).dtype))
-    if llama.supports(model.config):
+    kind = choose_decoder(model.config, device)
+    if kind == GRAPH:
+        return graph_llama.GraphLlamaLM.from_hf(model, quantize=quantize, info=info, free_source=True)
+    if kind == KERNELS:
         return llama.LlamaDecoderLM.from_hf(model, quantize=quantize, info=info)
     if quantize is not None:
         raise ModelLoadError(
@@ -180,11 +206,13 @@ def _unquantized_draft(model, spec: str, device: torch.device) -> DecoderLM:
     return draft
 
 
-def _bnb_draft(folder: Path, spec: str, device: torch.device, dtype: torch.dtype, trust: bool) -> DecoderLM:
+def _bnb_draft(folder: Path, spec: str, device: torch.device, trust: bool) -> DecoderLM:
     from transformers import BitsAndBytesConfig
 
+    # float16, LLM.int8's own dtype: from bf16 bitsandbytes would warn of a cast on every call.
+    dtype = torch.float16
     model = _load_hf(folder, dtype, device, trust, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    dtypes = f"int8 weights, {_dtype_name(dtype)} activations"
+    dtypes = f"int8 weights, int8 activations ({_dtype_name(dtype)} outliers)"
     return HFDecoderLM(model, info=_info(spec, model, device, dtypes, BNB_LABEL))
 
 
@@ -202,19 +230,24 @@ def _int8_draft(model, spec: str, device: torch.device, explicit: bool, progress
 
 
 def _build_draft(
-    plan: _Plan, spec: str, folder: Path, target_model, target: DecoderLM, progress: Progress
+    plan: _Plan, spec: str, folder: Path, copy_of_target: bool, target_model, target: DecoderLM, progress: Progress
 ) -> DecoderLM:
-    """The draft from `folder`; `target_model` is the target's HF model when the draft is its copy."""
+    """The draft from `folder`. When it is a copy of the target, `target_model` is the target's HF
+    model, or None once the graph decoder has taken its layers (the copy then comes from `target`)."""
     if plan.quantization == BNB:
-        return _bnb_draft(folder, spec, plan.device, plan.dtype, plan.trust_remote_code)
+        return _bnb_draft(folder, spec, plan.device, plan.trust_remote_code)
+    if isinstance(target, graph_llama.GraphLlamaLM) and copy_of_target:
+        return target.copy(int8=plan.quantization == INT8, info=ModelInfo(target.info.name, target.info.source))
     if plan.quantization == "none":
         if target_model is not None:
             return target  # the same weights in the same dtype: the target itself
         return _wrap(_load_hf(folder, plan.dtype, plan.device, plan.trust_remote_code), spec, plan.device, None)
-    # int8 weight-only quantizes from float32 weights.
-    model = target_model if target_model is not None and plan.dtype == torch.float32 else None
+    # The CPU kernels quantize from float32 weights; the graph decoder from the activation dtype.
+    float32_source = plan.device.type == "cpu"
+    model = target_model if target_model is not None and (plan.dtype == torch.float32 or not float32_source) else None
     if model is None:
-        model = _load_hf(folder, torch.float32, plan.device, plan.trust_remote_code)
+        dtype = torch.float32 if float32_source else plan.dtype
+        model = _load_hf(folder, dtype, plan.device, plan.trust_remote_code)
     return _int8_draft(model, spec, plan.device, plan.explicit_quantization, progress)
 
 
@@ -256,11 +289,15 @@ def load_pair(model_settings, progress: Progress | None = None) -> ModelPair:
     say(f"loading {display_name(target_spec)} on {plan.device} in {_dtype_name(plan.dtype)}")
     target_model = _load_hf(target_folder, plan.dtype, plan.device, plan.trust_remote_code)
     target = _wrap(target_model, target_spec, plan.device, None)
-    copy_source = None if model_settings.draft.strip() else target_model
+    copy_of_target = not model_settings.draft.strip()
+    taken = isinstance(target, graph_llama.GraphLlamaLM)  # its layers now live in `target`
+    copy_source = target_model if copy_of_target and not taken else None
     say(f"preparing the draft ({plan.quantization})")
-    draft = _build_draft(plan, draft_spec, draft_folder, copy_source, target, say)
+    draft = _build_draft(plan, draft_spec, draft_folder, copy_of_target, copy_source, target, say)
     del target_model, copy_source  # the wrappers keep only what they use
     _free()
     for lm in {id(target): target, id(draft): draft}.values():
         _cap_context(lm, plan.max_context)
+        if isinstance(lm, graph_llama.GraphLlamaLM):
+            lm.info.extra["compile_s"] = round(lm.prepare(say), 1)
     return ModelPair(target, draft, tokenizer, compatibility, time.perf_counter() - start)
