@@ -17,10 +17,16 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import os
+
 import pytest
 import torch
 
 from chatapp.lm import DecoderLM, HFDecoderLM
+
+# Tests assert CPU facts (float32, the kernels' labels, bit-exact kernels): on a machine with a GPU,
+# device "auto" would pick CUDA. CUDA tests (marker `cuda`) place their models themselves.
+os.environ.setdefault("SPECCHAT_MODEL_DEVICE", "cpu")
 
 
 def tiny_llama(vocab: int, *, seed: int = 0, max_positions: int = 96, init_std: float = 0.2):

@@ -23,12 +23,12 @@ import torch
 import chatapp.engine as engine
 from chatapp.engine import Generation, Token
 from chatapp.sampling import SamplingParams, logits_to_probs, sample
-from chatapp.stats import Baseline, best_k, expected_speedup, expected_tokens_per_round
+from chatapp.stats import Baseline, expected_tokens_per_round
+from tests.chisquare import ALPHA, chi_square
 from tests.conftest import CHAT, TINY_VOCAB, TinyModels, hf_pair, perturbed
 
 GREEDY = SamplingParams()
 T1 = SamplingParams(temperature=1.0)
-ALPHA = 1e-3  # significance level of the distribution tests
 PROMPT = [5, 17, 42, 8, 23]
 
 
@@ -186,32 +186,6 @@ def sample_first_two(models, case: DistCase, mode: str, n: int = N_SAMPLES) -> S
         out.drafted += gen.stats.drafted
         out.sources.update(sources(tokens))
     return out
-
-
-def chi_square(probs: torch.Tensor, counts: torch.Tensor) -> tuple[float, int, float]:
-    """(statistic, degrees of freedom, p-value) of counts against probs.
-
-    Cells expected >= 5 stand alone; the rest are pooled (into the smallest
-    kept cell if the pool itself expects < 5). A count where the probability is
-    exactly 0 (e.g. cut by top-p) is impossible and gives p = 0."""
-    expected = probs.flatten().double() * counts.sum()
-    observed = counts.flatten().double()
-    if observed[expected == 0].sum() > 0:
-        return math.inf, 0, 0.0
-    big = expected >= 5
-    exp_cells, obs_cells = expected[big].clone(), observed[big].clone()
-    pool_exp, pool_obs = expected[~big].sum(), observed[~big].sum()
-    if pool_exp >= 5:
-        exp_cells = torch.cat([exp_cells, pool_exp.view(1)])
-        obs_cells = torch.cat([obs_cells, pool_obs.view(1)])
-    elif pool_exp > 0:
-        smallest = torch.argmin(exp_cells)
-        exp_cells[smallest] += pool_exp
-        obs_cells[smallest] += pool_obs
-    statistic = float(((obs_cells - exp_cells) ** 2 / exp_cells).sum())
-    df = len(exp_cells) - 1
-    p_value = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(statistic / 2)))
-    return statistic, df, p_value
 
 
 def distribution_p_value(models, case: DistCase, mode: str) -> tuple[float, Samples]:
@@ -510,20 +484,6 @@ def test_longest_prompt_that_fits_gets_one_token(chat_models):
     assert gen.stats.stop_reason == "context"
 
 
-BAD_SAMPLING = {
-    "negative temperature": (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
-    "top_p=0": (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
-    "top_p>1": (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
-    "negative top_k": (dict(top_k=-1), "top_k must be >= 0, got -1"),
-}
-
-
-@pytest.mark.parametrize("kwargs, message", BAD_SAMPLING.values(), ids=BAD_SAMPLING.keys())
-def test_bad_sampling_params(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        SamplingParams(**kwargs)
-
-
 # -- 9. provenance ---------------------------------------------------------------------
 
 
@@ -598,45 +558,6 @@ def test_turns_that_do_not_record_the_baseline(chat_models, overrides, drive):
     assert baseline.tokens_per_s is None
 
 
-def test_baseline_is_the_median_of_a_window():
-    baseline = Baseline(window=3)
-    for rate, origin in [(100.0, "a"), (1.0, "b"), (4.0, "c"), (2.0, "c")]:
-        baseline.record(rate, origin)
-    baseline.record(0.0, "ignored")
-    assert baseline.tokens_per_s == 2.0  # median of 1, 4, 2: the 100 fell out of the window
-    assert baseline.source == "median of 3 standard-decoding run(s) on this machine: b, c"
-
-
-@pytest.mark.parametrize(
-    "a, k, expected",
-    [(0.5, 3, 1.875), (0.8, 1, 1.8), (0.8, 4, 3.3616), (0.0, 5, 1.0), (1.0, 4, 5.0)],
-)
-def test_expected_tokens_per_round(a, k, expected):
-    assert expected_tokens_per_round(a, k) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    "a, k, c, expected",
-    [(0.5, 3, 0.1, 1.875 / 1.3), (0.8, 4, 0.05, 3.3616 / 1.2), (1.0, 4, 0.0, 5.0), (0.0, 2, 0.5, 0.5)],
-)
-def test_expected_speedup(a, k, c, expected):
-    assert expected_speedup(a, k, c) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    "a, c, k_max, expected",
-    [
-        (0.8, 0.05, 16, 8),  # speedups 3.0823, 3.0921, 3.0780 at k = 7, 8, 9
-        (0.8, 0.05, 4, 4),  # still rising at the cap
-        (0.5, 0.5, 16, 1),  # 1.0 at k=1, 0.875 at k=2
-        (1.0, 0.0, 16, 16),  # k+1 keeps growing
-        (0.0, 0.0, 16, 1),  # all equal: the smallest k wins the tie
-    ],
-)
-def test_best_k(a, c, k_max, expected):
-    assert best_k(a, c, k_max) == expected
-
-
 @pytest.mark.parametrize("k", [4, 8])
 def test_acceptance_rate_is_the_per_token_rate_of_the_theory(chat_models, k):
     """E[tokens/round] = (1 - a^(K+1)) / (1 - a) holds for the reported a; the
@@ -655,89 +576,6 @@ def test_acceptance_rate_is_the_per_token_rate_of_the_theory(chat_models, k):
     assert abs(expected_tokens_per_round(naive, k) - measured) / measured > 0.2
 
 
-def _turn(mode, k=0, *, accepted=0, rejected=0, rounds=1, draft_ms=0.0, verify_ms=0.0, forwards=1):
-    from chatapp.stats import TurnStats
-
-    return TurnStats(
-        mode=mode, k=k, rounds=rounds, drafted=k * rounds, accepted=accepted, rejected=rejected,
-        draft_forwards=k * rounds, draft_s=draft_ms / 1000 * k * rounds,
-        target_forwards=forwards, target_s=verify_ms / 1000 * forwards,
-    )  # fmt: skip
-
-
-def test_auto_k_uses_measured_costs():
-    from chatapp.autok import AcceptanceTracker
-    from chatapp.stats import expected_speedup_with_costs
-
-    tracker = AcceptanceTracker()
-    tracker.record(_turn("standard", verify_ms=30.0, forwards=20))  # target step 30 ms
-    # K=4 turns: draft 9 ms/step, verify of 5 tokens 36 ms (+0.05 step per token), a = 0.95
-    tracker.record(_turn("speculative", 4, accepted=95, rejected=5, rounds=25, draft_ms=9.0, verify_ms=36.0, forwards=25))
-    assert tracker.acceptance_rate == pytest.approx(0.95)
-    assert tracker.cost_ratio == pytest.approx(0.3)
-    assert tracker.verify_slope == pytest.approx(0.05)
-    k = tracker.choose_k()
-    speedups = {j: expected_speedup_with_costs(0.95, j, 0.3, 1 + 0.05 * j) for j in range(1, 17)}
-    assert k == max(speedups, key=speedups.get)
-    # A verify that costs a full step per extra token makes small K best.
-    tracker.record(_turn("speculative", 8, accepted=8, rejected=0, rounds=1, draft_ms=9.0, verify_ms=30.0 * 9, forwards=1))
-    assert tracker.choose_k() < k
-
-
-def test_auto_k_averages_over_the_recent_turns():
-    from chatapp.autok import AcceptanceTracker
-    from chatapp.stats import expected_speedup_with_costs
-
-    def tracker_with(rates):
-        tracker = AcceptanceTracker()
-        tracker.record_calibration({n: [0.020 * (1 + 0.05 * (n - 1))] for n in range(1, 18)}, [0.006] * 4)
-        for a in rates:  # 200 checked drafts per turn at rate a
-            tracker.record(_turn("speculative", 6, accepted=round(200 * a), rejected=200 - round(200 * a), rounds=40,
-                                 draft_ms=6.0, verify_ms=26.0, forwards=40))  # fmt: skip
-        return tracker
-
-    def best(rates):  # the K with the least mean time per token over the rates
-        cost = {k: sum(1 / expected_speedup_with_costs(a, k, 0.3, 1 + 0.05 * k) for a in rates) for k in range(1, 17)}
-        return min(cost, key=cost.get)
-
-    mixed = tracker_with([0.995, 0.9] * 4)
-    assert mixed.acceptance_rate == pytest.approx(0.9475)
-    steady = tracker_with([0.9475] * 8)
-    # Same pooled rate; replies that differ call for a shorter draft.
-    assert mixed.choose_k() == best([0.995, 0.9]) < steady.choose_k() == best([0.9475])
-    # Two turns are too few to go by: the pooled rate decides.
-    assert tracker_with([0.995, 0.9]).choose_k() == best([0.9475])
-
-
-def test_verify_cost_table_interpolates_and_extrapolates():
-    from chatapp.autok import AcceptanceTracker
-
-    tracker = AcceptanceTracker()
-    for tokens, ms in [(1, 30.0), (4, 30.0), (5, 40.0), (8, 40.0)]:
-        tracker.record_forward(tokens, ms / 1000)
-    assert tracker.verify_ratio(3) == pytest.approx(1.0)  # measured: 4 tokens
-    assert tracker.verify_ratio(1) == pytest.approx(1.0)  # between 1 and 4 tokens
-    assert tracker.verify_ratio(5) == pytest.approx(4 / 3)  # between 5 and 8 tokens
-    slope = tracker.verify_slope
-    assert slope > 0
-    assert tracker.verify_ratio(10) == pytest.approx(4 / 3 + 3 * slope)  # past 8 tokens
-
-
-def test_auto_k_follows_a_step_shaped_verify_cost():
-    from chatapp.autok import AcceptanceTracker
-    from chatapp.stats import expected_speedup_with_costs
-
-    # Up to 4 tokens a forward costs one step, from 5 tokens two: the kink of
-    # kernels that take rows four at a time, which no line through (1, 1) fits.
-    tracker = AcceptanceTracker()
-    tracker.prior_rate = 0.9
-    forwards = {n: [0.030 if n <= 4 else 0.060] for n in range(1, 18)}
-    tracker.record_calibration(forwards, draft_steps=[0.003] * 4)
-    assert tracker.cost_ratio == pytest.approx(0.1)
-    table = {k: expected_speedup_with_costs(0.9, k, 0.1, 1.0 if k + 1 <= 4 else 2.0) for k in range(1, 17)}
-    assert tracker.choose_k() == max(table, key=table.get) == 3
-
-
 def test_measure_forward_costs(chat_models):
     forwards, draft_steps = engine.measure_forward_costs(chat_models.target, chat_models.draft, PROMPT, 6, reps=2)
     assert sorted(forwards) == [1, 2, 3, 4, 5, 6]
@@ -748,46 +586,3 @@ def test_measure_forward_costs(chat_models):
     assert sorted(forwards) == [1] and len(forwards[1]) == 2
 
 
-# -- sampling primitives ------------------------------------------------------
-
-SAMPLER_PROBS = torch.tensor([0.5, 0.0, 0.2, 0.1, 0.0, 0.15, 0.05, 0.0])
-
-
-def _draw(sampler, probs: torch.Tensor, n: int = 20_000, seed: int = 7) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.bincount(torch.tensor([sampler(probs, generator) for _ in range(n)]), minlength=len(probs))
-
-
-def test_sample_follows_its_distribution():
-    counts = _draw(sample, SAMPLER_PROBS)
-    assert counts[SAMPLER_PROBS == 0].sum() == 0  # zero-probability tokens never come out
-    assert chi_square(SAMPLER_PROBS, counts)[2] > ALPHA
-
-
-def test_sample_test_catches_an_off_by_one_sampler():
-    def shifted(probs, generator):  # the CDF's left edges: each draw lands one token early
-        cdf = torch.cumsum(probs, 0, dtype=torch.float64)
-        u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
-        return max(0, int(torch.searchsorted(cdf, u, right=True)) - 1)
-
-    assert chi_square(SAMPLER_PROBS, _draw(shifted, SAMPLER_PROBS))[2] < ALPHA
-
-
-def test_sample_never_draws_a_trailing_zero_when_the_uniform_rounds_up(monkeypatch):
-    probs = torch.tensor([0.3, 0.7, 0.0, 0.0])
-    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1, dtype=torch.float64))
-    assert sample(probs, torch.Generator()) == 1
-
-
-@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
-@pytest.mark.parametrize("spread", [0.5, 3.0])
-def test_top_p_matches_the_full_sort_definition(top_p, spread):
-    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(3)) * spread
-    probs = torch.softmax(logits / 0.7, dim=-1)
-    ordered, order = torch.sort(probs, dim=-1, descending=True)
-    before = torch.cumsum(ordered, dim=-1) - ordered
-    expected = torch.zeros_like(probs).scatter_(-1, order, ordered.masked_fill(before >= top_p, 0.0))
-    expected = expected / expected.sum(dim=-1, keepdim=True)
-    got = logits_to_probs(logits, SamplingParams(temperature=0.7, top_p=top_p))
-    assert torch.allclose(got, expected, atol=1e-7)
-    assert ((got > 0) == (expected > 0)).all()
