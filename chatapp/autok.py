@@ -69,7 +69,7 @@ class AcceptanceTracker:
     PRIOR_RATE = 0.7
     PRIOR_COST_RATIO = 0.3
     PRIOR_VERIFY_SLOPE = 0.05  # extra target steps per extra verified token
-    WINDOW = 8  # recent measurements kept per forward size
+    WINDOW = 8  # recent measurements kept per forward size, and of draft steps
     TURN_WINDOW = 16  # recent turns whose acceptance rates auto K averages over
     MIN_TURNS = 3
     MIN_CHECKED = 8  # drafts a turn must have had checked to count as a rate
@@ -79,15 +79,14 @@ class AcceptanceTracker:
         self.drafted = 0
         self.accepted = 0
         self.rejected = 0
-        self.draft_s = 0.0
-        self.draft_forwards = 0
-        self.verify_s = 0.0
-        self.verify_forwards = 0
+        self.replies = 0  # real replies recorded (calibration not counted)
+        self._draft_steps: list[float] = []  # recent draft step times (a reply's mean, or a calibration step)
         self._forward_s: dict[int, list[float]] = {}  # tokens in one target forward -> recent seconds
         self._turn_rates: list[float] = []  # per-token acceptance of recent speculative turns
 
     def record(self, stats: TurnStats) -> None:
         """A finished turn: its acceptance counts and its step costs."""
+        self.replies += 1
         if stats.mode == "speculative":
             self.drafted += stats.drafted
             self.accepted += stats.accepted
@@ -102,12 +101,16 @@ class AcceptanceTracker:
             if stats.target_forwards:
                 self.record_forward(1, stats.target_s / stats.target_forwards)
             return
-        self.draft_s += stats.draft_s
-        self.draft_forwards += stats.draft_forwards
-        self.verify_s += stats.target_s
-        self.verify_forwards += stats.target_forwards
+        if stats.draft_forwards:
+            self._record_draft_step(stats.draft_s / stats.draft_forwards)
         if stats.target_forwards:
             self.record_forward(stats.k + 1, stats.target_s / stats.target_forwards)
+        if stats.reference_step_s:  # a standard step timed inside the reply (see engine)
+            self.record_forward(1, stats.reference_step_s)
+
+    def _record_draft_step(self, seconds: float) -> None:
+        if seconds > 0:
+            self._draft_steps = (self._draft_steps + [seconds])[-self.WINDOW :]
 
     def record_forward(self, tokens: int, seconds: float) -> None:
         """One measured target forward over `tokens` tokens (or a turn's mean)."""
@@ -120,8 +123,8 @@ class AcceptanceTracker:
         for tokens, times in forwards.items():
             for seconds in times:
                 self.record_forward(tokens, seconds)
-        self.draft_s += sum(draft_steps)
-        self.draft_forwards += len(draft_steps)
+        for seconds in draft_steps:
+            self._record_draft_step(seconds)
 
     @property
     def acceptance_rate(self) -> float:
@@ -134,13 +137,17 @@ class AcceptanceTracker:
         return statistics.median(times) if times else None
 
     @property
+    def draft_step_s(self) -> float | None:
+        return statistics.median(self._draft_steps) if self._draft_steps else None
+
+    @property
     def cost_ratio(self) -> float:
-        """c = draft step / target step (falls back to the verify step before
-        any standard-decoding step has been timed)."""
-        if not self.draft_forwards:
+        """c = draft step / target step, both medians of recent measurements (one slow period
+        ages out of the window instead of skewing every later choice)."""
+        draft, step = self.draft_step_s, self.target_step_s
+        if draft is None or not step:
             return self.PRIOR_COST_RATIO
-        reference = self.target_step_s or (self.verify_s / self.verify_forwards)
-        return (self.draft_s / self.draft_forwards) / reference
+        return draft / step
 
     def _measured_ratios(self) -> dict[int, float]:
         """Tokens -> median forward time in target steps, for the sizes measured."""

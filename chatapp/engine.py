@@ -22,6 +22,7 @@ comes out of a round, so the first token of a reply can already be drafted.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -113,6 +114,7 @@ class Generation:
         seed: int = 0,
         baseline: Baseline | None = None,
         record_baseline: bool = True,
+        reference_steps: int = 3,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -144,6 +146,10 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.tokens: list[Token] = []
         self._baseline = baseline if record_baseline else None
+        # Speculative replies time this many one-token target steps (after the first round and at
+        # the end) to price standard decoding under their own conditions; see TurnStats.speedup.
+        self._reference_steps = reference_steps if self.draft is not None else 0
+        self._reference_times: list[float] = []
         vocab = target.vocab_size if self.draft is None else min(target.vocab_size, self.draft.vocab_size)
         self._vocab = vocab  # a padded vocabulary's extra rows are never proposed or compared
         self.stats = TurnStats(
@@ -194,6 +200,7 @@ class Generation:
         device = self.target.device
         self._generator = new_generator(self.seed, device)
         self._timer = RoundTimer(device)
+        self._reference_generator = new_generator(self.seed + 1, device)
         self._ids = list(self.prompt_ids)
         capacity = min(self.max_positions, len(self._ids) + self.max_new_tokens + self.k + 1)
         start = clock(device)
@@ -211,6 +218,8 @@ class Generation:
                 room = min(self.max_new_tokens - len(self.tokens), self.max_positions - len(self._ids))
                 # Near the end a round drafts no more than fits; a bonus past
                 # the limit is dropped by _emit.
+                if self.stats.rounds == 1 and self._reference_steps and not self._reference_times:
+                    self._time_reference_step()  # early in the reply, under the first tokens' conditions
                 proposed = self._speculative_round(min(self.k, room)) if self.draft else self._target_step()
                 emitted = self._emit(proposed, room)
                 # Decided before the yield, so a caller that stops reading
@@ -221,13 +230,16 @@ class Generation:
                     self.stats.stop_reason = "max_new_tokens"
                 elif len(self._ids) >= self.max_positions:
                     self.stats.stop_reason = "context"
-                self.stats.wall_s = time.perf_counter() - start  # the round has synced already
+                self.stats.wall_s = time.perf_counter() - start - self.stats.reference_s  # the round has synced
                 yield emitted
+            if self.stats.stop_reason != "stopped":
+                while len(self._reference_times) < self._reference_steps:
+                    self._time_reference_step()  # after the last token was shown
         except GeneratorExit:
             self.stats.stop_reason = self.stats.stop_reason or "stopped"
             raise
         finally:
-            self.stats.wall_s = clock(device) - start
+            self.stats.wall_s = clock(device) - start - self.stats.reference_s
             # Free what the turn held: caches can be hundreds of MB.
             self._target_cache = self._draft_cache = None
             if (
@@ -270,6 +282,23 @@ class Generation:
         self.stats.target_forwards += 1
         self.stats.target_s += self._timer.seconds(t0, t1)
         return [Token(token, "standard")]
+
+    def _time_reference_step(self) -> None:
+        """One standard-decoding step, timed and thrown away: a target forward of the pending token (the
+        last one, never fed yet) at its own position, which the next forward overwrites, and a token
+        choice. Its random draw uses a generator of its own, so the reply's draws are untouched."""
+        start = time.perf_counter()
+        logits = self.target.forward(self._pending(self._target_len), self._target_len, self._target_cache)
+        if self.sampling.greedy:
+            int(torch.argmax(logits[-1, : self._vocab]))
+        else:
+            probs = logits_to_probs(logits[-1:, : self._vocab], self.sampling)[0]
+            int(sample_index(probs, self._reference_generator))
+        elapsed = time.perf_counter() - start  # int() above waited for the device
+        self._reference_times.append(elapsed)
+        self.stats.reference_s += elapsed
+        self.stats.reference_steps = len(self._reference_times)
+        self.stats.reference_step_s = statistics.median(self._reference_times)
 
     def _speculative_round(self, k: int) -> list[Token]:
         assert self.draft is not None

@@ -51,8 +51,13 @@ class TurnStats:
     draft_prefill: str = ""  # "computed", or "copied from the target" (same weights; see engine)
     draft_s: float = 0.0
     target_s: float = 0.0
-    baseline_tokens_per_s: float | None = None
+    baseline_tokens_per_s: float | None = None  # the standard rate measured in earlier turns (drift only)
     baseline_source: str = "none"
+    # One-token target steps (forward + token choice: standard decoding's work per token) timed
+    # inside this reply; their median prices standard decoding under this reply's conditions.
+    reference_step_s: float | None = None
+    reference_steps: int = 0
+    reference_s: float = 0.0  # time spent on them, left out of wall_s
     int8_path: str = ""
     stop_reason: str = ""  # "eos", "max_new_tokens", "stopped", "context"
     source_counts: dict[str, int] = field(default_factory=dict)
@@ -81,7 +86,27 @@ class TurnStats:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
+    def standard_estimate_s(self) -> float | None:
+        """What standard decoding would have taken for this reply, measured under its conditions:
+        the same prefill (both modes share it) plus one reference step per new token."""
+        if self.reference_step_s is None:
+            return None
+        return self.prefill_s + self.new_tokens * self.reference_step_s
+
+    @property
     def speedup(self) -> float | None:
+        """This reply against standard decoding of the same reply: 1.0 for a standard reply by
+        definition; for a speculative one, standard_estimate_s / wall_s (None when unmeasured)."""
+        if self.mode == "standard":
+            return 1.0 if self.new_tokens else None
+        estimate = self.standard_estimate_s
+        if estimate is None or self.wall_s <= 0 or not self.new_tokens:
+            return None
+        return estimate / self.wall_s
+
+    @property
+    def baseline_ratio(self) -> float | None:
+        """This reply's rate over the baseline of earlier standard turns: drift, not a speedup."""
         if not self.baseline_tokens_per_s or not self.new_tokens:
             return None
         return self.tokens_per_s / self.baseline_tokens_per_s
@@ -103,6 +128,8 @@ class TurnStats:
             "mean_accepted_per_round",
             "tokens_per_s",
             "speedup",
+            "standard_estimate_s",
+            "baseline_ratio",
             "draft_step_s",
             "verify_step_s",
         ):

@@ -113,3 +113,16 @@ def test_k_choice_survives_json_and_refuses_garbage():
     assert KChoice.from_dict(choice.to_dict()) == choice
     for junk in (None, "auto (a=0.9)", {}, {"k": "many"}, {"k": 3, "cost_ratio": "x"}, [1, 2]):
         assert KChoice.from_dict(junk) is None
+
+
+def test_costs_come_from_recent_replies_not_from_load_time():
+    tracker = AcceptanceTracker()
+    # A busy machine during calibration: draft steps of 30 ms against a 20 ms target step.
+    tracker.record_calibration({1: [0.020] * 3}, [0.030] * 4)
+    assert tracker.cost_ratio == pytest.approx(1.5) and tracker.replies == 0
+    for _ in range(AcceptanceTracker.WINDOW):  # then quiet replies: 5 ms draft steps, 20 ms reference steps
+        stats = _turn("speculative", 4, accepted=30, rejected=2, rounds=8, draft_ms=5.0, verify_ms=22.0, forwards=8)
+        stats.reference_step_s = 0.020
+        tracker.record(stats)
+    assert tracker.cost_ratio == pytest.approx(0.25) and tracker.replies == AcceptanceTracker.WINDOW
+    assert tracker.draft_step_s == pytest.approx(0.005) and tracker.target_step_s == pytest.approx(0.020)

@@ -510,29 +510,40 @@ def test_provenance_of_each_round(chat_models, k):
 # -- 10. baseline and theory -------------------------------------------------------------
 
 
-def test_speedup_is_measured_against_the_baseline(chat_models):
+def test_speedup_prices_standard_decoding_inside_the_reply(chat_models):
     baseline = Baseline()
     baseline.record(10.0, "calibration at load")
     gen = generate(chat_models, PROMPT, k=3, sampling=T1, max_new_tokens=20, baseline=baseline)
     gen.run()
-    assert gen.stats.baseline_tokens_per_s == 10.0
-    assert gen.stats.speedup == pytest.approx(gen.stats.tokens_per_s / 10.0)
-    assert "calibration at load" in gen.stats.baseline_source
+    s = gen.stats
+    assert s.reference_steps == 3 and s.reference_step_s > 0 and s.reference_s > 0
+    assert s.standard_estimate_s == pytest.approx(s.prefill_s + s.new_tokens * s.reference_step_s)
+    assert s.speedup == pytest.approx(s.standard_estimate_s / s.wall_s)
+    # The baseline of earlier turns is kept only as drift, never as the speedup.
+    assert s.baseline_tokens_per_s == 10.0 and s.baseline_ratio == pytest.approx(s.tokens_per_s / 10.0)
     assert baseline.tokens_per_s == 10.0  # a speculative turn does not touch the baseline
 
 
-def test_without_a_baseline_there_is_no_speedup(chat_models):
-    gen = generate(chat_models, PROMPT, max_new_tokens=5)
+def test_reference_steps_change_neither_tokens_nor_draws(chat_models):
+    for sampling in (GREEDY, T1):
+        with_ref = generate(chat_models, PROMPT, k=3, sampling=sampling, max_new_tokens=24, seed=5)
+        without = generate(chat_models, PROMPT, k=3, sampling=sampling, max_new_tokens=24, seed=5, reference_steps=0)
+        assert ids(with_ref.run()) == ids(without.run())
+        assert without.stats.speedup is None and without.stats.reference_steps == 0
+
+
+def test_a_standard_reply_is_1x_by_definition(chat_models):
+    gen = generate(chat_models, PROMPT, mode="standard", max_new_tokens=5)
     gen.run()
-    assert gen.stats.speedup is None
-    assert gen.stats.baseline_source == "none"
+    assert gen.stats.speedup == 1.0 and gen.stats.reference_steps == 0
+    assert gen.stats.baseline_source == "none" and gen.stats.baseline_ratio is None
 
 
 def test_standard_turn_records_the_baseline(chat_models):
     baseline = Baseline()
     gen = generate(chat_models, PROMPT, mode="standard", max_new_tokens=16, baseline=baseline)
     gen.run()
-    assert gen.stats.speedup is None  # there was no baseline when the turn began
+    assert gen.stats.baseline_ratio is None  # there was no baseline when the turn began
     assert gen.stats.tokens_per_s > 0
     assert baseline.tokens_per_s == gen.stats.tokens_per_s
     assert "standard-mode turns" in baseline.source
