@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernels import cpu_kernels
+from .kernels import TORCH, cpu_kernels
 from .lm import ModelInfo, as_id_tensor, weights_origin
 
 SUPPORTED_TYPES = ("llama", "qwen2")
@@ -102,7 +102,12 @@ class StaticCache:
 
 
 class LlamaDecoderLM:
-    def __init__(self, hf_model: torch.nn.Module, *, quantize: str | None = None, info: ModelInfo | None = None):
+    def __init__(
+        self, hf_model: torch.nn.Module, *, quantize: str | None = None, info: ModelInfo | None = None,
+        variant: str | None = None,
+    ):
+        """variant: the CPU kernel variant to run (chatapp.kernels: avx512, avx2, ...),
+        "torch" for plain torch ops; None for the one chatapp.kernels chooses."""
         config = hf_model.config
         if not supports(config):
             raise ValueError(f"the fast decoder does not support model type {config.model_type!r}")
@@ -115,7 +120,8 @@ class LlamaDecoderLM:
         first = next(hf_model.parameters())
         self.device = first.device
         self.dtype = torch.float32 if quantize else first.dtype
-        self._kernels = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        on_cpu = self.device.type == "cpu" and self.dtype == torch.float32
+        self._kernels = cpu_kernels(variant) if on_cpu and variant != TORCH else None
         make = lambda w, b: Linear(w, b, self._kernels, int8=quantize is not None)  # noqa: E731
         detach = lambda t: None if t is None else t.detach().to(self.dtype)  # noqa: E731
 
@@ -185,7 +191,7 @@ class LlamaDecoderLM:
             self.info.dtype = str(self.dtype).replace("torch.", "")
         self.info.device = str(self.device)
         self.info.implementation = "specchat static-cache decoder" + (
-            " + CPU kernels" if self._kernels is not None else " (torch ops)"
+            f" + CPU kernels ({self._kernels.variant()})" if self._kernels is not None else " (torch ops)"
         )
         self.info.parameters = sum(p.numel() for p in hf_model.parameters())
         self.info.weight_bytes = self._weight_bytes()

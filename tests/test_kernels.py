@@ -1,13 +1,21 @@
-"""Tests of the CPU kernels (chatapp/kernels/cpu_kernels.cpp) against plain torch.
+"""Tests of the CPU kernels (chatapp/kernels/cpu_kernels.cpp) against plain torch,
+once per variant this CPU runs (avx512, avxvnni, avx2, portable: on an
+AVX-512 machine all four, so the AVX2 paths stay tested where CI runs).
 
 What they pin down:
 * float32 and int8 linears compute x @ W.T (int8: the dequantized W) for any
   row count and any output count, padding included;
 * batch invariance: a row's result is bit-identical whatever rows share the
-  call, the property greedy speculative == standard rests on;
+  call, the property greedy speculative == standard rests on; and greedy
+  speculative decoding equals standard decoding on every variant;
 * the int8 path's int16 activations: error far below the int8 weights' own,
   no int32 overflow on the worst input the bound allows, zeros stay zeros;
-* a whole int8 draft built from a tiny model agrees with its fp32 target.
+* a whole int8 draft built from a tiny model agrees with its fp32 target;
+* the loader: which variants a CPU runs, the best one by default, and
+  $SPECCHAT_KERNEL_VARIANT forcing another; each module says what it is.
+
+Each variant is compiled once into the cache folder (~15 s each the first
+time); the shapes stay tiny.
 """
 
 from __future__ import annotations
@@ -17,11 +25,20 @@ import os
 import pytest
 import torch
 
-from chatapp.kernels import cpu_kernels
+import chatapp.kernels as loader
+from chatapp.kernels import cpu_kernels, supported_variants
 from chatapp.llama import LlamaDecoderLM, quantize_int8
 
-kernels = cpu_kernels()
-pytestmark = pytest.mark.skipif(kernels is None, reason="CPU kernels could not be built here")
+HERE = supported_variants()
+
+
+@pytest.fixture(scope="module", params=HERE)
+def kernels(request):
+    """The compiled module of one variant this CPU runs."""
+    module = cpu_kernels(request.param)
+    if module is None:
+        pytest.skip(f"the {request.param} kernels could not be built here")
+    return module
 
 SHAPES = [(100, 32), (960, 576), (576, 1536), (64, 64)]  # n outputs x k inputs; 100 pads a panel
 
@@ -41,7 +58,7 @@ def activations(rows: int, k: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def packed_weight(dtype: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_weight(kernels, dtype: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weight, scale, packed) for a seeded Gaussian [n, k] weight: float32 with
     an empty scale, or int8 rows with their scales."""
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
@@ -51,7 +68,7 @@ def packed_weight(dtype: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, 
     return weight, scale, kernels.pack_weight(weight)
 
 
-def test_kernels_use_every_torch_thread():
+def test_kernels_use_every_torch_thread(kernels):
     # Built without OpenMP, at::parallel_for runs serially: decode then reads
     # weights on one core (measured 27 ms vs 20 ms a step on 2 cores).
     if (os.cpu_count() or 1) < 2:
@@ -68,11 +85,11 @@ def test_kernels_use_every_torch_thread():
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_split_panels_give_the_same_bits(dtype, threads):
+def test_split_panels_give_the_same_bits(kernels, dtype, threads):
     # 9 panels (576 outputs): threads split them in half-panel units, so one
     # panel is shared; results must not depend on how the columns were split.
     n, k = 576, 96
-    weight, scale, packed = packed_weight(dtype, n, k, seed=4)
+    weight, scale, packed = packed_weight(kernels, dtype, n, k, seed=4)
     x = activations(6, k)
     before = torch.get_num_threads()
     try:
@@ -88,7 +105,7 @@ def test_split_panels_give_the_same_bits(dtype, threads):
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_float_linear_matches_torch(n, k):
+def test_float_linear_matches_torch(kernels, n, k):
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.05
     x = activations(7, k)
     y = kernels.linear(x, kernels.pack_weight(weight), torch.empty(0), n)
@@ -96,7 +113,7 @@ def test_float_linear_matches_torch(n, k):
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_int8_linear_matches_the_dequantized_weight(n, k):
+def test_int8_linear_matches_the_dequantized_weight(kernels, n, k):
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.05
     q, scale = quantize_int8(weight)
     x = activations(7, k)
@@ -110,18 +127,19 @@ def test_int8_linear_matches_the_dequantized_weight(n, k):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_rows_do_not_change_each_others_results(dtype):
+def test_rows_do_not_change_each_others_results(kernels, dtype):
+    # 14 rows: two and more row blocks (4 or 6 rows each), with every tail size.
     n, k = 200, 96
-    _, scale, packed = packed_weight(dtype, n, k, seed=2)
-    x = activations(12, k)
+    _, scale, packed = packed_weight(kernels, dtype, n, k, seed=2)
+    x = activations(14, k)
     full = kernels.linear(x, packed, scale, n)
-    for rows in range(1, 12):
-        for start in (0, 12 - rows):
+    for rows in range(1, 14):
+        for start in (0, 14 - rows):
             part = kernels.linear(x[start : start + rows].contiguous(), packed, scale, n)
             assert torch.equal(part, full[start : start + rows]), (rows, start)
 
 
-def test_int8_sums_cannot_overflow():
+def test_int8_sums_cannot_overflow(kernels):
     # All weights at +127 and every input at the row's largest value: the sum
     # is 127 * k * 32767 > 2^31 unless the activation scale backs off.
     n, k = 64, 1536
@@ -135,23 +153,23 @@ def test_int8_sums_cannot_overflow():
     assert torch.allclose(y[1], torch.full((n,), -expected), rtol=1e-4)
 
 
-def test_int8_zero_row_gives_zeros():
+def test_int8_zero_row_gives_zeros(kernels):
     q, scale = quantize_int8(torch.randn(64, 32))
     y = kernels.linear(torch.zeros(3, 32), kernels.pack_weight(q), scale, 64)
     assert torch.equal(y, torch.zeros(3, 64))
 
 
-def test_int8_needs_an_even_input_count():
+def test_int8_needs_an_even_input_count(kernels):
     with pytest.raises(RuntimeError, match="even number of inputs"):
         kernels.pack_weight(torch.zeros(64, 31, dtype=torch.int8))
 
 
-def test_int8_draft_agrees_with_its_target():
+def test_int8_draft_agrees_with_its_target(kernels):
     from tests.conftest import tiny_llama
 
     hf = tiny_llama(vocab=256, init_std=0.05)
-    target = LlamaDecoderLM.from_hf(hf)
-    draft = LlamaDecoderLM.from_hf(hf, quantize="int8-weight-only")
+    target = LlamaDecoderLM(hf, variant=kernels.variant())
+    draft = LlamaDecoderLM(hf, quantize="int8-weight-only", variant=kernels.variant())
     assert "int16 per-row activations" in draft.info.quantization
     prompt = list(range(1, 40))
     target_logits = target.forward(prompt, 0, target.new_cache(64))
@@ -175,7 +193,7 @@ def sdpa_reference(q, keys, values, start):
 
 @pytest.mark.parametrize("d", [64, 128, 24])  # the two compiled widths and the generic path
 @pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
-def test_attention_matches_torch_and_is_batch_invariant(d, heads, kv_heads):
+def test_attention_matches_torch_and_is_batch_invariant(kernels, d, heads, kv_heads):
     generator = torch.Generator().manual_seed(d + heads)
     capacity, start, n = 80, 37, 9
     keys = torch.randn(kv_heads, capacity, d, generator=generator)
@@ -189,7 +207,7 @@ def test_attention_matches_torch_and_is_batch_invariant(d, heads, kv_heads):
 
 
 @pytest.mark.parametrize("inter", [1536, 40])  # 40: a scalar tail after the vector lanes
-def test_silu_mul_matches_torch(inter):
+def test_silu_mul_matches_torch(kernels, inter):
     gate = torch.linspace(-120, 120, 3 * inter).view(3, inter)
     gate[1] = torch.randn(inter, generator=torch.Generator().manual_seed(5)) * 4
     up = torch.randn(3, inter, generator=torch.Generator().manual_seed(6))
@@ -200,6 +218,128 @@ def test_silu_mul_matches_torch(inter):
     assert torch.equal(alone[0], out[1])
 
 
-def test_blocks_checks_its_weights():
+def test_blocks_checks_its_weights(kernels):
     with pytest.raises(RuntimeError, match="tensors per layer"):
         kernels.Blocks([torch.zeros(1)] * 5, 4, 2, 8, 1e-5)
+
+
+# -- whole models, per variant -------------------------------------------------
+
+
+def head64_llama(seed: int = 3):
+    """A 2-layer Llama with 64-wide heads (the compiled attention width, as
+    SmolLM2's) and an intermediate size that leaves a partial panel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=160, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("quantize", [None, "int8-weight-only"], ids=["fp32", "int8"])
+def test_verify_gives_the_bits_of_single_steps(kernels, quantize):
+    # The property greedy equality rests on, through every kernel of a block:
+    # 9 tokens in one forward give bit-identical logits to 9 one-token steps.
+    lm = LlamaDecoderLM(head64_llama(), quantize=quantize, variant=kernels.variant())
+    ids = torch.randint(160, (30,), generator=torch.Generator().manual_seed(7)).tolist()
+    cache = lm.new_cache(40)
+    lm.forward(ids[:21], 0, cache, logits=False)  # a prefill of 21 rows: several row blocks
+    verify = lm.forward(ids[21:30], 21, cache)
+    for i in range(9):
+        step = lm.forward(ids[21 + i : 22 + i], 21 + i, cache)
+        assert torch.equal(step[0], verify[i]), i
+
+
+def test_greedy_speculative_equals_standard(kernels):
+    # Both modes share the prefill; a round's verify equals single steps. On
+    # each variant, the speculative reply is the standard one, token for token.
+    from chatapp.engine import Generation
+    from tests.conftest import perturbed
+
+    hf = head64_llama()
+    variant = kernels.variant()
+    target = LlamaDecoderLM(hf, variant=variant)
+    draft = LlamaDecoderLM(perturbed(hf, 0.05), quantize="int8-weight-only", variant=variant)
+    generator = torch.Generator().manual_seed(11)
+    drafted = accepted = 0
+    for length in (1, 7, 23):
+        prompt = torch.randint(160, (length,), generator=generator).tolist()
+        standard = Generation(target, None, prompt, mode="standard", max_new_tokens=24).run()
+        for k in (3, 8):
+            gen = Generation(target, draft, prompt, k=k, max_new_tokens=24)
+            assert [t.id for t in gen.run()] == [t.id for t in standard], (length, k)
+            drafted += gen.stats.drafted
+            accepted += gen.stats.accepted
+    assert 0 < accepted < drafted  # the draft is really rejected sometimes
+
+
+def test_each_module_says_what_it_is(kernels):
+    expected_isa = {"avx512": "avx512", "avxvnni": "avx2+fma+avxvnni", "avx2": "avx2+fma", "portable": "portable"}
+    assert kernels.isa().startswith(expected_isa[kernels.variant()])
+    if kernels.variant() == "avx2":
+        assert "vnni" not in kernels.isa()
+    lm = LlamaDecoderLM(tiny_model(), variant=kernels.variant())
+    assert lm.info.implementation.endswith(f"+ CPU kernels ({kernels.variant()})")
+
+
+def tiny_model():
+    from tests.conftest import tiny_llama
+
+    return tiny_llama(vocab=32, max_positions=16)
+
+
+# -- the loader's choice (no builds) --------------------------------------------
+
+AVX512_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "avx_vnni"})
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (AVX512_FLAGS, ["avx512", "avxvnni", "avx2", "portable"]),
+        (frozenset({"avx2", "fma", "avx_vnni"}), ["avxvnni", "avx2", "portable"]),  # Alder Lake
+        (frozenset({"avx2", "fma"}), ["avx2", "portable"]),  # Zen 2/3
+        (frozenset({"avx512f", "avx2", "fma"}), ["avx2", "portable"]),  # AVX-512 without BW (Knights Landing)
+        (frozenset({"avx"}), ["portable"]),
+    ],
+)
+def test_variants_follow_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(loader.platform, "machine", lambda: "x86_64")
+    assert supported_variants(flags) == expected
+    monkeypatch.setattr(loader.platform, "machine", lambda: "aarch64")
+    assert supported_variants(flags) == ["portable"]
+
+
+def test_the_best_variant_unless_the_environment_names_one(monkeypatch):
+    monkeypatch.setattr(loader, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(loader.platform, "machine", lambda: "x86_64")
+    for name in (loader.VARIANT_ENV, "SPECCHAT_DISABLE_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+    assert loader.chosen_variant() == "avx2" and not loader.variant_forced()
+    monkeypatch.setenv(loader.VARIANT_ENV, "portable")
+    assert loader.chosen_variant() == "portable" and loader.variant_forced()
+    monkeypatch.setenv(loader.VARIANT_ENV, "torch")
+    assert loader.chosen_variant() is None and cpu_kernels() is None
+    monkeypatch.setenv(loader.VARIANT_ENV, "avx512")  # this (pretended) CPU cannot run it
+    with pytest.raises(ValueError, match="cannot run"):
+        loader.chosen_variant()
+    monkeypatch.setenv(loader.VARIANT_ENV, "sse9")
+    with pytest.raises(ValueError, match="expected one of"):
+        loader.chosen_variant()
+    monkeypatch.delenv(loader.VARIANT_ENV)
+    monkeypatch.setenv("SPECCHAT_DISABLE_KERNELS", "1")
+    assert loader.chosen_variant() is None
+
+
+def test_this_cpu_runs_its_default_variant():
+    best = loader.chosen_variant()
+    if best is None:
+        pytest.skip("the environment turned the kernels off")
+    module = cpu_kernels()
+    assert module is not None and module.variant() == best
+    lm = LlamaDecoderLM(tiny_model())
+    assert f"({best})" in lm.info.implementation

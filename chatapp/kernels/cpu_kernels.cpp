@@ -3,29 +3,239 @@
 // Two jobs:
 //  * speed: decode is bound by reading weights. Weights are packed in panels
 //    of 64 output columns, [K][64] each, streamed once per call; every weight
-//    vector loaded is applied to up to four activation rows held in
-//    registers. int8 weights meet int16 activations quantized per row in an
-//    integer dot product (see the packed linear section).
+//    vector loaded is applied to several activation rows held in registers.
+//    int8 weights meet int16 activations quantized per row in an integer dot
+//    product (see the packed linear section).
 //  * batch invariance: every output is one fma chain over k = 0..K-1 in
 //    order, whatever the number of rows. Verifying K+1 tokens therefore gives
 //    bit-identical logits to K+1 one-token steps, and greedy speculative
 //    decoding equals greedy standard decoding exactly, not up to rounding.
-#include <torch/extension.h>
+//
+// One source, three instruction sets, chosen by the compiler flags the loader
+// (chatapp/kernels/__init__.py) builds each variant with: AVX-512 (16 lanes,
+// 32 registers; VNNI for the int8 dot product where present), AVX2 + FMA (8
+// lanes, 16 registers; AVX-VNNI where present) and a portable path in GCC
+// vector extensions (4 lanes: SSE2 on x86-64, NEON on Arm). Only the simd
+// layer and the tile shapes differ; every variant keeps the invariance above.
+// ATen and the Python bindings only: <torch/extension.h> would add the whole
+// C++ frontend (autograd, nn, optim) and a third to every variant's build time.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/python.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define SPECCHAT_AVX512 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SPECCHAT_AVX2 1
+#include <immintrin.h>
+#endif
+
+// The loader passes the variant's name bare (-DSPECCHAT_VARIANT=avx2): quotes
+// would not survive the shell that ninja runs the compiler in.
+#define SPECCHAT_STRING(name) #name
+#define SPECCHAT_NAME(name) SPECCHAT_STRING(name)
+#ifndef SPECCHAT_VARIANT
+#define SPECCHAT_VARIANT unnamed
 #endif
 
 namespace {
 
 constexpr int64_t kPanel = 64;  // output columns per packed panel
+
+// ---- simd layer ---------------------------------------------------------------
+//
+// vf: one register of W floats; vi: W int32 lanes, each holding one output
+// column's sum of int8 weight pairs times int16 input pairs. fmadd(a, b, c)
+// is a * b + c, fused (one rounding) where the CPU has FMA.
+namespace simd {
+
+#if defined(SPECCHAT_AVX512)
+constexpr int W = 16;
+constexpr bool kVectorExp = true;
+using vf = __m512;
+using vi = __m512i;
+inline vf load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf zero() { return _mm512_setzero_ps(); }
+inline vf set1(float x) { return _mm512_set1_ps(x); }
+inline vf fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf min(vf a, vf b) { return _mm512_min_ps(a, b); }
+inline vf abs(vf v) { return _mm512_abs_ps(v); }
+inline float reduce_add(vf v) { return _mm512_reduce_add_ps(v); }
+inline float reduce_max(vf v) { return _mm512_reduce_max_ps(v); }
+
+// exp(x) (Cephes expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial in
+// r, times 2^n); within 2 ulp of expf over the clamped range.
+inline vf exp(vf x) {
+  x = _mm512_min_ps(set1(88.3762626647949f), _mm512_max_ps(set1(-88.3762626647949f), x));
+  const vf n = _mm512_roundscale_ps(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+  vf p = set1(1.9875691500e-4f);
+  p = fmadd(p, r, set1(1.3981999507e-3f));
+  p = fmadd(p, r, set1(8.3334519073e-3f));
+  p = fmadd(p, r, set1(4.1665795894e-2f));
+  p = fmadd(p, r, set1(1.6666665459e-1f));
+  p = fmadd(p, r, set1(5.0000001201e-1f));
+  p = fmadd(p, mul(r, r), add(r, set1(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// W output columns' int8 weight pairs (2 W bytes), sign-extended to int16.
+inline vi load_pairs(const int8_t* p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline vi zero_i() { return _mm512_setzero_si512(); }
+inline vi set1_i(int32_t x) { return _mm512_set1_epi32(x); }
+inline void store_i(int32_t* p, vi v) { _mm512_storeu_si512(reinterpret_cast<void*>(p), v); }
+// acc + x.lo * w.lo + x.hi * w.hi per lane, exact in int32.
+inline vi dot_pairs(vi acc, vi x, vi w) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, x, w);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+#endif
+}
+
+// Rounds v (already within +-32767) to the nearest int16, ties to even.
+inline void store_int16(int16_t* q, vf v) {
+  const __m512i r = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm512_cvtepi32_epi16(r));
+}
+
+#elif defined(SPECCHAT_AVX2)
+constexpr int W = 8;
+constexpr bool kVectorExp = true;
+using vf = __m256;
+using vi = __m256i;
+inline vf load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf zero() { return _mm256_setzero_ps(); }
+inline vf set1(float x) { return _mm256_set1_ps(x); }
+inline vf fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
+inline vf abs(vf v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+inline float reduce_add(vf v) {  // a fixed tree: halves, then pairs
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float reduce_max(vf v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// exp(x) as the AVX-512 version; 2^n is applied as two factors 2^(n/2), so
+// each has a normal exponent although n reaches +-128 at the clamps.
+inline vf exp(vf x) {
+  x = _mm256_min_ps(set1(88.3762626647949f), _mm256_max_ps(set1(-88.3762626647949f), x));
+  const vf n = _mm256_round_ps(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+  vf p = set1(1.9875691500e-4f);
+  p = fmadd(p, r, set1(1.3981999507e-3f));
+  p = fmadd(p, r, set1(8.3334519073e-3f));
+  p = fmadd(p, r, set1(4.1665795894e-2f));
+  p = fmadd(p, r, set1(1.6666665459e-1f));
+  p = fmadd(p, r, set1(5.0000001201e-1f));
+  p = fmadd(p, mul(r, r), add(r, set1(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const vf s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const vf s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+  return mul(mul(p, s1), s2);
+}
+
+inline vi load_pairs(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline vi zero_i() { return _mm256_setzero_si256(); }
+inline vi set1_i(int32_t x) { return _mm256_set1_epi32(x); }
+inline void store_i(int32_t* p, vi v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline vi dot_pairs(vi acc, vi x, vi w) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, x, w);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w));
+#endif
+}
+
+// Rounds 2 W floats (already within +-32767) to int16, ties to even (the
+// default rounding mode of cvtps). packs interleaves 128-bit halves; the
+// permute puts them back in order.
+inline void store_int16_pair(int16_t* q, vf a, vf b) {
+  const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+#else
+// Portable: GCC/Clang vector extensions, lowered to SSE2 on x86-64, NEON on
+// Arm, scalar code elsewhere. No fused multiply-add (-ffp-contract=off keeps
+// a * b + c two roundings), which changes nothing about the invariance: every
+// output is still one chain over k, whatever the row count.
+constexpr int W = 4;
+constexpr bool kVectorExp = false;
+typedef float vf __attribute__((vector_size(16)));
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf zero() { return vf{0.f, 0.f, 0.f, 0.f}; }
+inline vf set1(float x) { return vf{x, x, x, x}; }
+inline vf fmadd(vf a, vf b, vf c) { return a * b + c; }
+inline vf add(vf a, vf b) { return a + b; }
+inline vf mul(vf a, vf b) { return a * b; }
+inline vf div(vf a, vf b) { return a / b; }
+inline vf max(vf a, vf b) { return vf{std::max(a[0], b[0]), std::max(a[1], b[1]), std::max(a[2], b[2]), std::max(a[3], b[3])}; }
+inline vf min(vf a, vf b) { return vf{std::min(a[0], b[0]), std::min(a[1], b[1]), std::min(a[2], b[2]), std::min(a[3], b[3])}; }
+inline vf abs(vf v) { return vf{std::fabs(v[0]), std::fabs(v[1]), std::fabs(v[2]), std::fabs(v[3])}; }
+inline float reduce_add(vf v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+inline float reduce_max(vf v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
+inline vf exp(vf v) { return vf{std::exp(v[0]), std::exp(v[1]), std::exp(v[2]), std::exp(v[3])}; }
+#endif
+
+}  // namespace simd
+
+// Output columns per tile (a multiple of simd::W) for a tile of `rows` rows,
+// so that the accumulators, the weight vectors and a broadcast input fit the
+// registers: 32 with AVX-512, 16 with AVX2 and SSE2/NEON.
+#if defined(SPECCHAT_AVX512)
+constexpr int kFloatRowBlock = 4;  // rows per pass over a panel
+constexpr int kInt8RowBlock = 4;
+constexpr int float_tile_columns(int) { return 64; }
+constexpr int int8_tile_columns(int) { return 64; }
+#elif defined(SPECCHAT_AVX2)
+constexpr int kFloatRowBlock = 6;
+constexpr int kInt8RowBlock = 4;
+constexpr int float_tile_columns(int rows) { return rows == 1 ? 64 : rows == 2 ? 32 : 16; }
+constexpr int int8_tile_columns(int rows) { return rows == 1 ? 64 : rows == 2 ? 32 : 16; }
+#else
+constexpr int kFloatRowBlock = 6;
+constexpr int kInt8RowBlock = 4;
+constexpr int float_tile_columns(int rows) { return rows == 1 ? 32 : rows == 2 ? 16 : 8; }
+constexpr int int8_tile_columns(int rows) { return rows == 1 ? 32 : 16; }
+#endif
+constexpr int kMaxRowBlock = std::max(kFloatRowBlock, kInt8RowBlock);
 
 // Per-thread scratch that only grows: a decode step would otherwise allocate
 // and zero a dozen buffers per block (malloc showed up at ~2% of a draft step).
@@ -42,127 +252,150 @@ T* scratch(Slot slot, int64_t count) {
 
 // Dot product with a fixed reduction order (attention scores, norms).
 inline float dot_f32(const float* x, const float* w, int64_t k) {
+  using namespace simd;
   int64_t i = 0;
-  float sum = 0.f;
-#if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; i + 64 <= k; i += 64) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(w + i + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), _mm512_loadu_ps(w + i + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), _mm512_loadu_ps(w + i + 48), a3);
+  vf a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
+  for (; i + 4 * W <= k; i += 4 * W) {
+    a0 = fmadd(load(x + i), load(w + i), a0);
+    a1 = fmadd(load(x + i + W), load(w + i + W), a1);
+    a2 = fmadd(load(x + i + 2 * W), load(w + i + 2 * W), a2);
+    a3 = fmadd(load(x + i + 3 * W), load(w + i + 3 * W), a3);
   }
-  for (; i + 16 <= k; i += 16) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i), a0);
-  }
-  sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#endif
+  for (; i + W <= k; i += W) a0 = fmadd(load(x + i), load(w + i), a0);
+  float sum = reduce_add(add(add(a0, a1), add(a2, a3)));
   for (; i < k; ++i) sum += x[i] * w[i];
   return sum;
 }
 
-#if defined(__AVX512F__)
-// ROWS activation rows (stride k) times columns c0..c0+16*VECS-1 of one float
-// [k][64] panel -> the same columns of out[ROWS][64]. VECS is 4 (the whole
-// panel) or 2 (one half; see for_each_panel_part).
-template <int ROWS, int VECS>
-inline void panel_rows(const float* x, int64_t k, const float* panel, float* out, int64_t c0) {
-  __m512 acc[ROWS][VECS];
-#pragma GCC unroll 4
+// ROWS activation rows (stride k) times COLS columns, from c0, of one float
+// [k][64] panel -> the same columns of out[ROWS][64]. Each weight vector is
+// loaded once and applied to every row.
+template <int ROWS, int COLS>
+inline void float_tile(const float* x, int64_t k, const float* panel, float* out, int64_t c0) {
+  using namespace simd;
+  constexpr int V = COLS / W;
+  vf acc[ROWS][V];
+#pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < VECS; ++j) acc[r][j] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) acc[r][j] = zero();
   }
-  for (int64_t i = 0; i < k; ++i) {
-    __m512 w[VECS];
-#pragma GCC unroll 4
-    for (int j = 0; j < VECS; ++j) w[j] = _mm512_loadu_ps(panel + i * kPanel + c0 + 16 * j);
-#pragma GCC unroll 4
+  const float* wp = panel + c0;
+  for (int64_t i = 0; i < k; ++i, wp += kPanel) {
+    vf w[V];
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) w[j] = load(wp + W * j);
+#pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * k + i]);
-#pragma GCC unroll 4
-      for (int j = 0; j < VECS; ++j) acc[r][j] = _mm512_fmadd_ps(xb, w[j], acc[r][j]);
+      const vf xb = set1(x[r * k + i]);
+#pragma GCC unroll 16
+      for (int j = 0; j < V; ++j) acc[r][j] = fmadd(xb, w[j], acc[r][j]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < VECS; ++j) _mm512_storeu_ps(out + r * kPanel + c0 + 16 * j, acc[r][j]);
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) store(out + r * kPanel + c0 + W * j, acc[r][j]);
   }
 }
 
-// ROWS rows of int16 input pairs (stride kp, two int16 per int32) times
-// columns c0..c0+16*VECS-1 of one int8 [kp][64][2] panel -> exact int32 sums in
-// the same columns of out[ROWS][64]. The layout is the operand layout of
-// vpdpwssd: each 32-bit lane multiplies one column's two weights by two inputs
-// and adds both products to its int32 accumulator.
-template <int ROWS, int VECS>
-inline void panel_rows_int8(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
-  __m512i acc[ROWS][VECS];
-#pragma GCC unroll 4
+// ROWS rows of int16 input pairs (stride kp, two int16 per int32) times COLS
+// columns, from c0, of one int8 [kp][64][2] panel -> exact int32 sums in the
+// same columns of out[ROWS][64]. The layout is the operand layout of
+// vpdpwssd / vpmaddwd: each 32-bit lane multiplies one column's two weights by
+// two inputs and adds both products to its int32 accumulator.
+#if defined(SPECCHAT_AVX512) || defined(SPECCHAT_AVX2)
+template <int ROWS, int COLS>
+inline void int8_tile(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
+  using namespace simd;
+  constexpr int V = COLS / W;
+  vi acc[ROWS][V];
+#pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < VECS; ++j) acc[r][j] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) acc[r][j] = zero_i();
   }
+  const int8_t* wp = panel + 2 * c0;
+  for (int64_t i = 0; i < kp; ++i, wp += 2 * kPanel) {
+    vi xb[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) xb[r] = set1_i(xq[r * kp + i]);
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) {
+      const vi w = load_pairs(wp + 2 * W * j);  // one weight vector at a time: registers stay free
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) acc[r][j] = dot_pairs(acc[r][j], xb[r], w);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) store_i(out + r * kPanel + c0 + W * j, acc[r][j]);
+  }
+}
+#else
+template <int ROWS, int COLS>
+inline void int8_tile(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
+  int32_t acc[ROWS][COLS] = {};
   for (int64_t i = 0; i < kp; ++i) {
-    const int8_t* row = panel + i * 2 * kPanel + 2 * c0;
-    __m512i w[VECS];
-#pragma GCC unroll 4
-    for (int j = 0; j < VECS; ++j) {
-      w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * j)));
-    }
-#pragma GCC unroll 4
+    const int8_t* w = panel + (i * kPanel + c0) * 2;
     for (int r = 0; r < ROWS; ++r) {
-      const __m512i xb = _mm512_set1_epi32(xq[r * kp + i]);
-#pragma GCC unroll 4
-      for (int j = 0; j < VECS; ++j) {
-#if defined(__AVX512VNNI__)
-        acc[r][j] = _mm512_dpwssd_epi32(acc[r][j], xb, w[j]);
-#else
-        acc[r][j] = _mm512_add_epi32(acc[r][j], _mm512_madd_epi16(xb, w[j]));
-#endif
-      }
+      int16_t pair[2];  // as quantize_row wrote them: two int16 in one int32 slot
+      std::memcpy(pair, xq + r * kp + i, sizeof pair);
+      for (int c = 0; c < COLS; ++c) acc[r][c] += pair[0] * w[2 * c] + pair[1] * w[2 * c + 1];
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < VECS; ++j) {
-      _mm512_storeu_si512(reinterpret_cast<void*>(out + r * kPanel + c0 + 16 * j), acc[r][j]);
-    }
-  }
-}
-#else
-template <int ROWS, int VECS>
-inline void panel_rows(const float* x, int64_t k, const float* panel, float* out, int64_t c0) {
-  for (int r = 0; r < ROWS; ++r) {
-    for (int64_t c = c0; c < c0 + 16 * VECS; ++c) {
-      float acc = 0.f;
-      for (int64_t i = 0; i < k; ++i) acc = std::fma(x[r * k + i], panel[i * kPanel + c], acc);
-      out[r * kPanel + c] = acc;
-    }
-  }
-}
-
-template <int ROWS, int VECS>
-inline void panel_rows_int8(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
-  for (int r = 0; r < ROWS; ++r) {
-    for (int64_t c = c0; c < c0 + 16 * VECS; ++c) {
-      int32_t acc = 0;
-      for (int64_t i = 0; i < kp; ++i) {
-        const int32_t pair = xq[r * kp + i];
-        const int16_t lo = static_cast<int16_t>(pair & 0xffff), hi = static_cast<int16_t>(pair >> 16);
-        acc += lo * panel[(i * kPanel + c) * 2] + hi * panel[(i * kPanel + c) * 2 + 1];
-      }
-      out[r * kPanel + c] = acc;
-    }
-  }
+  for (int r = 0; r < ROWS; ++r) std::copy(acc[r], acc[r] + COLS, out + r * kPanel + c0);
 }
 #endif
 
-void check_rows(const torch::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat,
+// Columns c0..c0+width-1 (a whole or a half panel) of ROWS rows, in tiles as
+// wide as the registers allow for that many rows.
+template <int ROWS>
+inline void float_rows(const float* x, int64_t k, const float* panel, float* out, int64_t c0, int64_t width) {
+  constexpr int cols = float_tile_columns(ROWS);
+  if constexpr (cols > kPanel / 2) {
+    if (width < cols) {
+      float_tile<ROWS, kPanel / 2>(x, k, panel, out, c0);
+      return;
+    }
+  }
+  for (int64_t c = c0; c < c0 + width; c += cols) float_tile<ROWS, cols>(x, k, panel, out, c);
+}
+
+template <int ROWS>
+inline void int8_rows(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0, int64_t width) {
+  constexpr int cols = int8_tile_columns(ROWS);
+  if constexpr (cols > kPanel / 2) {
+    if (width < cols) {
+      int8_tile<ROWS, kPanel / 2>(xq, kp, panel, out, c0);
+      return;
+    }
+  }
+  for (int64_t c = c0; c < c0 + width; c += cols) int8_tile<ROWS, cols>(xq, kp, panel, out, c);
+}
+
+// rows (1..ROWS) rows through the tiles compiled for exactly that many rows.
+template <int ROWS>
+inline void float_block(const float* x, int64_t rows, int64_t k, const float* panel, float* out, int64_t c0,
+                        int64_t width) {
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) return float_block<ROWS - 1>(x, rows, k, panel, out, c0, width);
+  }
+  float_rows<ROWS>(x, k, panel, out, c0, width);
+}
+
+template <int ROWS>
+inline void int8_block(const int32_t* xq, int64_t rows, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0,
+                       int64_t width) {
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) return int8_block<ROWS - 1>(xq, rows, kp, panel, out, c0, width);
+  }
+  int8_rows<ROWS>(xq, kp, panel, out, c0, width);
+}
+
+void check_rows(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
               "x must be a contiguous 2-D float32 tensor");
   TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
 }
@@ -181,13 +414,13 @@ void check_rows(const torch::Tensor& x, int64_t k) {
 // int32 sums cannot overflow. Integer sums are exact, so the result does not
 // depend on the order of the additions: still batch-invariant.
 
-torch::Tensor pack_weight(torch::Tensor w) {
+at::Tensor pack_weight(at::Tensor w) {
   TORCH_CHECK(w.dim() == 2, "weight must be 2-D");
   const int64_t n = w.size(0), k = w.size(1);
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  auto padded = torch::zeros({panels * kPanel, k}, w.options());
+  auto padded = at::zeros({panels * kPanel, k}, w.options());
   padded.narrow(0, 0, n).copy_(w);
-  if (w.scalar_type() == torch::kChar) {
+  if (w.scalar_type() == at::kChar) {
     TORCH_CHECK(k % 2 == 0, "int8 weights need an even number of inputs, got ", k);
     return padded.view({panels, kPanel, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
   }
@@ -197,11 +430,11 @@ torch::Tensor pack_weight(torch::Tensor w) {
 namespace {
 
 struct Weight {
-  const torch::Tensor& packed;  // float32 [panels][k][64] or int8 [panels][k/2][64][2]
-  const torch::Tensor& scale;   // [n] float32 for int8, else empty
+  const at::Tensor& packed;  // float32 [panels][k][64] or int8 [panels][k/2][64][2]
+  const at::Tensor& scale;   // [n] float32 for int8, else empty
   int64_t n;                    // real output count
 
-  bool int8() const { return packed.scalar_type() == torch::kChar; }
+  bool int8() const { return packed.scalar_type() == at::kChar; }
   int64_t panels() const { return packed.size(0); }
   int64_t k() const { return int8() ? packed.size(1) * 2 : packed.size(1); }
 };
@@ -259,39 +492,18 @@ void for_each_panel_part(int64_t panels, const Run& run) {
   }
 }
 
-template <int VECS>
-inline void float_rows(const float* x, int64_t rows, int64_t k, const float* panel, float* out, int64_t c0) {
-  switch (rows) {
-    case 4: panel_rows<4, VECS>(x, k, panel, out, c0); break;
-    case 3: panel_rows<3, VECS>(x, k, panel, out, c0); break;
-    case 2: panel_rows<2, VECS>(x, k, panel, out, c0); break;
-    default: panel_rows<1, VECS>(x, k, panel, out, c0); break;
-  }
-}
-
-template <int VECS>
-inline void int8_rows(const int32_t* xq, int64_t rows, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
-  switch (rows) {
-    case 4: panel_rows_int8<4, VECS>(xq, kp, panel, out, c0); break;
-    case 3: panel_rows_int8<3, VECS>(xq, kp, panel, out, c0); break;
-    case 2: panel_rows_int8<2, VECS>(xq, kp, panel, out, c0); break;
-    default: panel_rows_int8<1, VECS>(xq, kp, panel, out, c0); break;
-  }
-}
-
-// Every panel part, rows four at a time, so each weight vector loaded serves
-// up to four rows: rows(panel, r0, count, vecs, out, c0) fills out[count][64]
-// (columns c0..c0+16*vecs-1), which then goes to y with the optional
-// per-row scale, per-column scale and bias. (Five to eight rows in one pass,
-// 32 columns at a time or with more accumulators, measured no cheaper.)
+// Every panel part, rows row_block at a time, so each weight vector loaded
+// serves that many rows: rows(panel, r0, count, out, c0, width) fills
+// out[count][64] (columns c0..c0+width-1), which then goes to y with the
+// optional per-row scale, per-column scale and bias.
 template <typename Acc, typename Rows>
-void panel_linear(int64_t m, const Weight& w, const float* row_scale, const float* scale, const float* bias,
-                  float* yp, const Rows& rows) {
+void panel_linear(int64_t m, int64_t row_block, const Weight& w, const float* row_scale, const float* scale,
+                  const float* bias, float* yp, const Rows& rows) {
   for_each_panel_part(w.panels(), [&](int64_t p, int64_t c0, int64_t width) {
-    Acc out[4 * kPanel];
-    for (int64_t r0 = 0; r0 < m; r0 += 4) {
-      const int64_t count = std::min<int64_t>(4, m - r0);
-      rows(p, r0, count, width == kPanel ? 4 : 2, out, c0);
+    Acc out[kMaxRowBlock * kPanel];
+    for (int64_t r0 = 0; r0 < m; r0 += row_block) {
+      const int64_t count = std::min<int64_t>(row_block, m - r0);
+      rows(p, r0, count, out, c0, width);
       store_panel(out, count, r0, p * kPanel, c0, width, w.n, row_scale, scale, bias, yp);
     }
   });
@@ -300,14 +512,9 @@ void panel_linear(int64_t m, const Weight& w, const float* row_scale, const floa
 void float_linear(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
   const int64_t k = w.k();
   const float* wp = w.packed.data_ptr<float>();
-  panel_linear<float>(m, w, nullptr, nullptr, bias, yp,
-                      [&](int64_t p, int64_t r0, int64_t count, int vecs, float* out, int64_t c0) {
-                        const float* panel = wp + p * k * kPanel;
-                        if (vecs == 4) {
-                          float_rows<4>(xp + r0 * k, count, k, panel, out, c0);
-                        } else {
-                          float_rows<2>(xp + r0 * k, count, k, panel, out, c0);
-                        }
+  panel_linear<float>(m, kFloatRowBlock, w, nullptr, nullptr, bias, yp,
+                      [&](int64_t p, int64_t r0, int64_t count, float* out, int64_t c0, int64_t width) {
+                        float_block<kFloatRowBlock>(xp + r0 * k, count, k, wp + p * k * kPanel, out, c0, width);
                       });
 }
 
@@ -315,18 +522,15 @@ void float_linear(const float* xp, int64_t m, const Weight& w, const float* bias
 // |xq| <= 32767 and 127 * sum|xq| < 2^31, the largest int32 sum possible
 // against int8 weights.
 void quantize_row(const float* x, int64_t k, int32_t* pairs, float* scale) {
-  float amax = 0.f, l1 = 0.f;
+  using namespace simd;
   int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
-  for (; i + 16 <= k; i += 16) {
-    const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(x + i));
-    vmax = _mm512_max_ps(vmax, v);
-    vsum = _mm512_add_ps(vsum, v);
+  vf vmax = zero(), vsum = zero();
+  for (; i + W <= k; i += W) {
+    const vf v = abs(load(x + i));
+    vmax = max(vmax, v);
+    vsum = add(vsum, v);
   }
-  amax = _mm512_reduce_max_ps(vmax);
-  l1 = _mm512_reduce_add_ps(vsum);
-#endif
+  float amax = reduce_max(vmax), l1 = reduce_add(vsum);
   for (; i < k; ++i) {
     amax = std::max(amax, std::fabs(x[i]));
     l1 += std::fabs(x[i]);
@@ -337,13 +541,14 @@ void quantize_row(const float* x, int64_t k, int32_t* pairs, float* scale) {
   const float inv = 1.0f / s;
   int16_t* q = reinterpret_cast<int16_t*>(pairs);
   i = 0;
-#if defined(__AVX512F__)
-  const __m512 lo = _mm512_set1_ps(-32767.0f), hi = _mm512_set1_ps(32767.0f), vinv = _mm512_set1_ps(inv);
-  for (; i + 16 <= k; i += 16) {
-    const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv)));
-    const __m512i r = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm512_cvtepi32_epi16(r));
-  }
+#if defined(SPECCHAT_AVX512) || defined(SPECCHAT_AVX2)
+  const vf vinv = set1(inv), lo = set1(-32767.0f), hi = set1(32767.0f);
+  auto scaled = [&](int64_t at) { return min(hi, max(lo, mul(load(x + at), vinv))); };
+#if defined(SPECCHAT_AVX512)
+  for (; i + W <= k; i += W) store_int16(q + i, scaled(i));
+#else
+  for (; i + 2 * W <= k; i += 2 * W) store_int16_pair(q + i, scaled(i), scaled(i + W));
+#endif
 #endif
   for (; i < k; ++i) {  // round-to-nearest-even, as the vector path
     q[i] = static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, x[i] * inv))));
@@ -357,14 +562,9 @@ void int8_linear(const float* xp, int64_t m, const Weight& w, const float* bias,
   float* xs = scratch<float>(kRowScale, m);
   for (int64_t r = 0; r < m; ++r) quantize_row(xp + r * k, k, xq + r * kp, xs + r);
   const int8_t* wp = w.packed.data_ptr<int8_t>();
-  panel_linear<int32_t>(m, w, xs, w.scale.data_ptr<float>(), bias, yp,
-                        [&](int64_t p, int64_t r0, int64_t count, int vecs, int32_t* out, int64_t c0) {
-                          const int8_t* panel = wp + p * k * kPanel;
-                          if (vecs == 4) {
-                            int8_rows<4>(xq + r0 * kp, count, kp, panel, out, c0);
-                          } else {
-                            int8_rows<2>(xq + r0 * kp, count, kp, panel, out, c0);
-                          }
+  panel_linear<int32_t>(m, kInt8RowBlock, w, xs, w.scale.data_ptr<float>(), bias, yp,
+                        [&](int64_t p, int64_t r0, int64_t count, int32_t* out, int64_t c0, int64_t width) {
+                          int8_block<kInt8RowBlock>(xq + r0 * kp, count, kp, wp + p * k * kPanel, out, c0, width);
                         });
 }
 
@@ -376,25 +576,25 @@ void linear_into(const float* xp, int64_t m, const Weight& w, const float* bias,
   }
 }
 
-void check_weight(const torch::Tensor& w, const torch::Tensor& scale, int64_t n) {
-  TORCH_CHECK(w.is_contiguous() && ((w.scalar_type() == torch::kFloat && w.dim() == 3 && w.size(2) == kPanel) ||
-                                    (w.scalar_type() == torch::kChar && w.dim() == 4 && w.size(2) == kPanel &&
+void check_weight(const at::Tensor& w, const at::Tensor& scale, int64_t n) {
+  TORCH_CHECK(w.is_contiguous() && ((w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(2) == kPanel) ||
+                                    (w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == kPanel &&
                                      w.size(3) == 2)),
               "weight must be float32 or int8, packed by pack_weight");
   TORCH_CHECK(w.size(0) * kPanel >= n && n > (w.size(0) - 1) * kPanel, "output count does not match the packing");
-  if (w.scalar_type() == torch::kChar) {
-    TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == torch::kFloat && scale.numel() == n,
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == n,
                 "int8 weight needs a float32 scale per output");
   }
 }
 
 }  // namespace
 
-torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t n) {
+at::Tensor linear(at::Tensor x, at::Tensor packed, at::Tensor scale, int64_t n) {
   check_weight(packed, scale, n);
   const Weight w{packed, scale, n};
   check_rows(x, w.k());
-  auto y = torch::empty({x.size(0), n}, x.options());
+  auto y = at::empty({x.size(0), n}, x.options());
   linear_into(x.data_ptr<float>(), x.size(0), w, nullptr, y.data_ptr<float>());
   return y;
 }
@@ -409,19 +609,19 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale,
 template <int D>
 void attend_one(const float* qr, const float* kh, const float* vh, int64_t d, int64_t length, float scale,
                 float* scores, float* orow) {
-#if defined(__AVX512F__)
   if constexpr (D > 0) {
-    constexpr int V = D / 16;
-    __m512 q[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(qr + 16 * v);
+    using namespace simd;
+    constexpr int V = D / W;
+    vf q[V];
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) q[v] = load(qr + W * v);
     float best = -INFINITY;
     for (int64_t j = 0; j < length; ++j) {
       const float* kr = kh + j * D;
-      __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
-#pragma GCC unroll 8
-      for (int v = 1; v < V; ++v) acc = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(kr + 16 * v), acc);
-      scores[j] = _mm512_reduce_add_ps(acc) * scale;
+      vf acc = mul(q[0], load(kr));
+#pragma GCC unroll 16
+      for (int v = 1; v < V; ++v) acc = fmadd(q[v], load(kr + W * v), acc);
+      scores[j] = reduce_add(acc) * scale;
       best = std::max(best, scores[j]);
     }
     float total = 0.f;
@@ -429,21 +629,20 @@ void attend_one(const float* qr, const float* kh, const float* vh, int64_t d, in
       scores[j] = std::exp(scores[j] - best);
       total += scores[j];
     }
-    __m512 out[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) out[v] = _mm512_setzero_ps();
+    vf out[V];
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) out[v] = zero();
     for (int64_t j = 0; j < length; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[j]);
+      const vf p = set1(scores[j]);
       const float* vr = vh + j * D;
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) out[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * v), out[v]);
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) out[v] = fmadd(p, load(vr + W * v), out[v]);
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / total);
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(orow + 16 * v, _mm512_mul_ps(out[v], inv));
+    const vf inv = set1(1.0f / total);
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) store(orow + W * v, mul(out[v], inv));
     return;
   }
-#endif
   float best = -INFINITY;
   for (int64_t j = 0; j < length; ++j) {
     scores[j] = dot_f32(qr, kh + j * d, d) * scale;
@@ -467,8 +666,8 @@ void attend_one(const float* qr, const float* kh, const float* vh, int64_t d, in
 // Causal attention of n new queries (absolute positions start..start+n-1)
 // against a KV cache whose first start+n positions are filled.
 // q: [n, heads, d]; caches: [kv_heads, capacity, d]; out: [n, heads, d].
-void attention_into(const float* qp, int64_t n, int64_t heads, int64_t d, const torch::Tensor& k_cache,
-                    const torch::Tensor& v_cache, int64_t start, float* op) {
+void attention_into(const float* qp, int64_t n, int64_t heads, int64_t d, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, int64_t start, float* op) {
   const int64_t kv_heads = k_cache.size(0), capacity = k_cache.size(1);
   TORCH_CHECK(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
   TORCH_CHECK(start + n <= capacity, "attention past the cache capacity");
@@ -488,35 +687,15 @@ void attention_into(const float* qp, int64_t n, int64_t heads, int64_t d, const 
   });
 }
 
-torch::Tensor attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, int64_t start) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat, "q must be [n, heads, d] float32");
+at::Tensor attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, int64_t start) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == at::kFloat, "q must be [n, heads, d] float32");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   attention_into(q.data_ptr<float>(), q.size(0), q.size(1), q.size(2), k_cache, v_cache, start, out.data_ptr<float>());
   return out;
 }
 
 // ---- activation ------------------------------------------------------------
-
-#if defined(__AVX512F__)
-// exp(x) for 16 floats (Cephes expf: x = n ln2 + r, |r| <= ln2/2, a degree-6
-// polynomial in r, times 2^n); within 2 ulp of expf over the clamped range.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
 
 // act = silu(gate) * up, row by row; gu rows are [gate | up]. Column c always
 // takes the same path (vector or scalar tail), whatever the row count.
@@ -526,14 +705,15 @@ void silu_mul(const float* gu, int64_t n, int64_t inter, float* act) {
     const float* u = g + inter;
     float* a = act + r * inter;
     int64_t c = 0;
-#if defined(__AVX512F__)
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; c + 16 <= inter; c += 16) {
-      const __m512 gv = _mm512_loadu_ps(g + c);
-      const __m512 sig = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-      _mm512_storeu_ps(a + c, _mm512_mul_ps(sig, _mm512_loadu_ps(u + c)));
+    if constexpr (simd::kVectorExp) {
+      using namespace simd;
+      const vf one = set1(1.0f), minus = set1(-1.0f);
+      for (; c + W <= inter; c += W) {
+        const vf gv = load(g + c);
+        const vf sig = div(gv, add(one, exp(mul(minus, gv))));
+        store(a + c, mul(sig, load(u + c)));
+      }
     }
-#endif
     for (; c < inter; ++c) a[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
   }
 }
@@ -569,12 +749,12 @@ void rope_inplace(float* x, int64_t n, int64_t heads, int64_t d, int64_t stride,
 
 // x: [n, hidden] float32, updated in place. Weights float32 or int8 (+ scale).
 // Empty tensors stand for "no bias"/"no scale".
-void block_forward(const torch::Tensor& x, const torch::Tensor& attn_norm, const torch::Tensor& qkv_w,
-                   const torch::Tensor& qkv_s, const torch::Tensor& qkv_b, const torch::Tensor& o_w,
-                   const torch::Tensor& o_s, const torch::Tensor& mlp_norm, const torch::Tensor& gu_w,
-                   const torch::Tensor& gu_s, const torch::Tensor& down_w, const torch::Tensor& down_s,
-                   const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& cos,
-                   const torch::Tensor& sin, int64_t start, double eps, int64_t heads, int64_t kv_heads,
+void block_forward(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& qkv_w,
+                   const at::Tensor& qkv_s, const at::Tensor& qkv_b, const at::Tensor& o_w,
+                   const at::Tensor& o_s, const at::Tensor& mlp_norm, const at::Tensor& gu_w,
+                   const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s,
+                   const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
+                   const at::Tensor& sin, int64_t start, double eps, int64_t heads, int64_t kv_heads,
                    int64_t inter) {
   const int64_t n = x.size(0), hidden = x.size(1);
   check_rows(x, hidden);
@@ -635,7 +815,7 @@ class Blocks {
  public:
   static constexpr size_t kPerLayer = 11;  // attn_norm, qkv w/s/b, o w/s, mlp_norm, gate_up w/s, down w/s
 
-  Blocks(std::vector<torch::Tensor> weights, int64_t heads, int64_t kv_heads, int64_t inter, double eps)
+  Blocks(std::vector<at::Tensor> weights, int64_t heads, int64_t kv_heads, int64_t inter, double eps)
       : weights_(std::move(weights)), heads_(heads), kv_heads_(kv_heads), inter_(inter), eps_(eps) {
     TORCH_CHECK(!weights_.empty() && weights_.size() % kPerLayer == 0, "Blocks takes ", kPerLayer,
                 " tensors per layer, got ", weights_.size());
@@ -644,34 +824,34 @@ class Blocks {
   int64_t layers() const { return static_cast<int64_t>(weights_.size() / kPerLayer); }
 
   // x: [n, hidden], updated in place; one key and one value cache per layer.
-  void forward(const torch::Tensor& x, const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
-               const torch::Tensor& cos, const torch::Tensor& sin, int64_t start) const {
+  void forward(const at::Tensor& x, const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+               const at::Tensor& cos, const at::Tensor& sin, int64_t start) const {
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == layers() && static_cast<int64_t>(values.size()) == layers(),
                 "one key and one value cache per layer");
     for (int64_t i = 0; i < layers(); ++i) {
-      const torch::Tensor* w = weights_.data() + i * kPerLayer;
+      const at::Tensor* w = weights_.data() + i * kPerLayer;
       block_forward(x, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], keys[i], values[i], cos,
                     sin, start, eps_, heads_, kv_heads_, inter_);
     }
   }
 
  private:
-  std::vector<torch::Tensor> weights_;
+  std::vector<at::Tensor> weights_;
   int64_t heads_, kv_heads_, inter_;
   double eps_;
 };
 
-torch::Tensor silu_mul_rows(torch::Tensor gu) {
-  TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.scalar_type() == torch::kFloat && gu.size(1) % 2 == 0,
+at::Tensor silu_mul_rows(at::Tensor gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.scalar_type() == at::kFloat && gu.size(1) % 2 == 0,
               "gu must be a contiguous [n, 2 * inter] float32 tensor");
-  auto act = torch::empty({gu.size(0), gu.size(1) / 2}, gu.options());
+  auto act = at::empty({gu.size(0), gu.size(1) / 2}, gu.options());
   silu_mul(gu.data_ptr<float>(), gu.size(0), gu.size(1) / 2, act.data_ptr<float>());
   return act;
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   check_rows(x, weight.numel());
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   rms_norm_into(x.data_ptr<float>(), x.size(0), x.size(1), weight.data_ptr<float>(), static_cast<float>(eps),
                 y.data_ptr<float>());
   return y;
@@ -690,7 +870,27 @@ int64_t parallel_threads() {
   return widest.load();
 }
 
+// The variant name the loader built this module as (avx512, avxvnni, avx2, portable).
+std::string variant() { return SPECCHAT_NAME(SPECCHAT_VARIANT); }
+
+// The instruction set this build's hot loops actually use, from the compiler's own macros.
+std::string isa() {
+#if defined(SPECCHAT_AVX512) && defined(__AVX512VNNI__)
+  return "avx512+vnni";
+#elif defined(SPECCHAT_AVX512)
+  return "avx512";
+#elif defined(SPECCHAT_AVX2) && defined(__AVXVNNI__)
+  return "avx2+fma+avxvnni";
+#elif defined(SPECCHAT_AVX2)
+  return "avx2+fma";
+#else
+  return "portable";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("variant", &variant, "the variant name this module was built as");
+  m.def("isa", &isa, "the instruction set its hot loops use");
   m.def("parallel_threads", &parallel_threads, "threads a parallel_for in these kernels runs on");
   m.def("pack_weight", &pack_weight, "pack a [n][k] weight into [n/64][k][64] panels");
   m.def("linear", &linear, "batch-invariant linear on a packed float32 or int8 weight");
@@ -698,7 +898,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "row-wise RMSNorm");
   m.def("silu_mul", &silu_mul_rows, "silu(gate) * up for rows of [gate | up]");
   pybind11::class_<Blocks>(m, "Blocks", pybind11::module_local())
-      .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double>())
+      .def(pybind11::init<std::vector<at::Tensor>, int64_t, int64_t, int64_t, double>())
       .def("forward", &Blocks::forward, "all blocks for few rows, x in place")
       .def_property_readonly("layers", &Blocks::layers);
 }
