@@ -1,7 +1,7 @@
 """A scripted stand-in for `chatapp.service.ChatService`, for the UI tests.
 
 Same interface as the real service (start_turn -> a Turn-like object that
-yields TurnEvents, with .stats/.tokens/.notice/.k_choice/.text/.stop();
+yields TurnEvents, with .stats/.tokens/.notice/.k_choice/.text/.stop()/.record();
 tokenizer.decode; pair.target.info etc.; baseline; tracker; context) but no
 model: the reply is a fixed word sequence that echoes the user's message, cut
 into rounds with a repeating accept pattern, so every token source appears.
@@ -18,8 +18,9 @@ from types import SimpleNamespace
 from chatapp.chat import EmptyPromptError, PromptTooLongError
 from chatapp.engine import Token
 from chatapp.lm import ModelInfo
-from chatapp.service import TurnEvent
-from chatapp.stats import AcceptanceTracker, Baseline, TurnStats
+from chatapp.autok import AcceptanceTracker, KChoice
+from chatapp.service import Turn, TurnEvent
+from chatapp.stats import Baseline, TurnStats
 
 EOS = 0
 REPLY = (
@@ -51,7 +52,10 @@ class FakeTokenizer:
 
 
 class FakeTurn:
-    def __init__(self, service, tokens: list[int], mode: str, k: int, k_choice: str, max_new: int, notice, prompt_len):
+    record = Turn.record  # the real service's record of a reply: it reads only .stats, .k_choice and .notice
+
+    def __init__(self, service, tokens: list[int], mode: str, k: int, k_choice: KChoice | None, max_new: int, notice,
+                 prompt_len):
         self.service, self.notice, self.k_choice = service, notice, k_choice
         self._ids, self._k, self._max = tokens, k, max_new
         self.text = ""
@@ -64,7 +68,7 @@ class FakeTurn:
             int8_path="int8 weight-only per-channel (fake)" if mode == "speculative" else "",
             draft_prefill="copied from the target" if mode == "speculative" else "",
             source_counts={s: 0 for s in ("draft", "target", "bonus", "standard")},
-        )  # fmt: skip
+        )
 
     def stop(self) -> None:
         self._stop = True
@@ -129,13 +133,15 @@ class FakeService:
         self.turns: list[FakeTurn] = []
         self.histories: list[list[dict]] = []  # what each start_turn was given
         self.context = 2048
-        info = dict(device="cpu", parameters=134_515_008, implementation="fake (scripted)")
+        info = dict(name="FakeLM-135M", source="embedded:fake", device="cpu", parameters=134_515_008,
+                    implementation="fake (scripted)")
+        target = ModelInfo(dtype="float32", quantization="none", weight_bytes=538_060_032, **info)
+        draft = ModelInfo(dtype="int8 weights, float32 activations", quantization="int8 weight-only per-channel (fake)",
+                          weight_bytes=162_000_000, **info)
         self.pair = SimpleNamespace(
-            target=SimpleNamespace(info=ModelInfo("FakeLM-135M", "embedded:fake", "float32", "none", weight_bytes=538_060_032, **info)),
-            draft=SimpleNamespace(info=ModelInfo("FakeLM-135M", "embedded:fake", "int8 weights, float32 activations",
-                                                 "int8 weight-only per-channel (fake)", weight_bytes=162_000_000, **info)),
-            tokenizer=self.tokenizer, compatibility="compatible: the draft is a quantized copy of the target", load_s=0.25,
-        )  # fmt: skip
+            target=SimpleNamespace(info=target), draft=SimpleNamespace(info=draft), tokenizer=self.tokenizer,
+            compatibility="compatible: the draft is a quantized copy of the target", load_s=0.25,
+        )
 
     @property
     def last(self) -> FakeTurn:
@@ -150,7 +156,8 @@ class FakeService:
             raise EmptyPromptError("the message is empty")
         if len(message) > self.max_message_chars:
             raise PromptTooLongError(
-                f"the message is too long: {len(message)} characters, but the context leaves room for {self.max_message_chars}"
+                f"the message is too long: {len(message)} characters, "
+                f"but the context leaves room for {self.max_message_chars}"
             )
         earlier, dropped = list(history[:-1]), 0
         while earlier and sum(len(m["content"]) for m in earlier) + len(message) > self.context_chars:
@@ -159,9 +166,9 @@ class FakeService:
         notice = f"{dropped} earlier turn(s) dropped to fit the context" if dropped else None
         words = REPLY if decoding.temperature == 0 else f"(seed {decoding.seed}) {REPLY}"
         ids = self.tokenizer.encode(f"You said: {message.strip()[:60]}. {words}") + [EOS]
-        k, k_choice = decoding.k, "fixed"
-        if decoding.auto_k and decoding.mode == "speculative":
-            k = self.tracker.choose_k()
-            k_choice = f"auto (a={self.tracker.acceptance_rate:.2f}, c={self.tracker.cost_ratio:.2f})"
+        # As ChatService.start_turn: the tracker picks K (auto K may pick 0: standard decoding).
+        choice = self.tracker.choose(decoding.k, decoding.auto_k) if decoding.mode == "speculative" else None
+        speculative = choice is not None and choice.speculative
+        mode, k = ("speculative", choice.k) if speculative else ("standard", decoding.k)
         prompt_len = sum(len(m["content"].split()) for m in earlier) + len(message.split())
-        return FakeTurn(self, ids, decoding.mode, k, k_choice, decoding.max_new_tokens, notice, prompt_len)
+        return FakeTurn(self, ids, mode, k, choice, decoding.max_new_tokens, notice, prompt_len)

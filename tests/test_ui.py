@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import inspect
 import socket
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
 from chatapp import ui
-from chatapp.settings import DEFAULT_SETTINGS_PATH, SettingsError, load_settings
+from chatapp.autok import AcceptanceTracker, KChoice
+from chatapp.settings import DEFAULT_SETTINGS_PATH, K_MAX, K_MIN, SettingsError, load_settings
+from chatapp.ui.format import choice_text, stats_line, stats_title
+from chatapp.ui.sidebar import SIDEBAR_FIELDS, decoding_endpoint
 from fake_engine import FakeService, FakeTurn
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: not ours to fix.
@@ -130,13 +138,31 @@ def test_standard_mode_gives_standard_stats(client, fake):
     assert "**standard**" in out["stats"] and "acceptance n/a" in out["stats"] and "draft: not used" in out["stats"]
     assert f"{s.tokens_per_s:.1f} tok/s" in out["stats"]
     assert {t["class_or_confidence"] for t in out["tokens"]} == {"standard"}
-    assert out["state"]["messages"][-1]["stats"]["k"] is None
+    record = out["state"]["messages"][-1]["stats"]
+    assert record["mode"] == "standard" and record["k_choice"] is None and record == fake.last.record()
 
 
 def test_auto_k_says_how_k_was_chosen(client, fake):
     out, _ = chat(client, "auto", auto_k=True, k=16)
-    assert fake.last.k_choice.startswith("auto (")
-    assert f"K = {fake.last.stats.k} (auto: a=" in out["stats"]
+    choice = fake.last.k_choice
+    assert isinstance(choice, KChoice) and choice.auto and choice.speculative
+    assert choice.k == fake.last.stats.k and fake.last.stats.mode == "speculative"
+    assert f"K = {choice.k} (auto: a={choice.acceptance_rate:.2f}, c={choice.cost_ratio:.2f}" in out["stats"]
+    assert f"expected {choice.expected_speedup:.2f}×" in out["stats"]
+    assert out["state"]["messages"][-1]["stats"]["k_choice"] == choice.to_dict()
+
+
+def test_auto_k_may_choose_standard_decoding_and_says_so(client, fake, monkeypatch):
+    slow_draft = AcceptanceTracker()  # a draft step as slow as the target's: no K can win
+    slow_draft.record_calibration({n: [0.02 * (1 + 0.05 * (n - 1))] for n in range(1, K_MAX + 2)}, [0.02] * 8)
+    monkeypatch.setattr(fake, "tracker", slow_draft)
+    out, _ = chat(client, "auto again", auto_k=True)
+    choice = fake.last.k_choice
+    assert choice.auto and choice.k == 0 and choice.expected_speedup < 1 and fake.last.stats.mode == "standard"
+    assert f"**standard** (auto K: speculation expected to lose, {choice.expected_speedup:.2f}×)" in out["stats"]
+    assert "draft: not used" in out["stats"]
+    assert out["chatbot"][-1]["metadata"]["title"].startswith("◎ standard (auto K)")
+    assert out["turns_table"]["data"][-1][1:4] == ["standard", "—", choice_text(fake.last.record())]
 
 
 def test_stop_ends_the_reply_within_a_round_and_the_next_one_works(client, fake):
@@ -179,6 +205,22 @@ def test_restore_rebuilds_the_chat_from_browser_state(client):
     assert junk["chatbot"] == [] and junk["state"] == EMPTY
 
 
+def test_restore_reads_records_saved_by_the_previous_version(client):
+    """Before Turn.record(), k_choice was a string ("fixed", "auto (...)", "" for standard) and k None
+    for standard replies; a browser may still hold such a chat."""
+    first, _ = chat(client, "old format")
+    spec = {**first["state"]["messages"][1]["stats"], "k": 6, "k_choice": "auto (a=0.91, c=0.30)"}
+    std = {**spec, "mode": "standard", "k": None, "k_choice": "", "acceptance_rate": None}
+    old = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "stats": spec},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "stats": std}]}
+    restored = dict(zip(ui.CHAT_OUTPUTS, client.predict(chat_state=old, api_name="/restore")))
+    assert "K = 6 (auto (a=0.91, c=0.30))" in texts(restored["chatbot"])[2]  # the old words, shown as they are
+    assert "**standard** (target only)" in restored["stats"] and "⚠" not in restored["notice"]
+    assert [row[1:4] for row in restored["turns_table"]["data"]] == [
+        ["speculative", "6", "auto (a=0.91, c=0.30)"], ["standard", "—", "—"]
+    ]
+
+
 # --- bad input ------------------------------------------------------------------------
 
 
@@ -217,12 +259,70 @@ def test_old_turns_dropped_with_a_visible_notice(client):
 
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(SettingsError, match=r"decoding\.top_p = 0\.0 is out of range"):
-        ui.decoding_settings(SETTINGS, "speculative", 4, False, 0.0, 0.0, 0, 10, 0, "")
-    d = ui.decoding_settings(SETTINGS, "standard", 7.0, True, 0.5, 0.9, 40.0, 12.0, 3.0, "sys")
+        ui.decoding_settings(SETTINGS, dict(mode="speculative", k=4, top_p=0.0))
+    with pytest.raises(SettingsError, match=r"settings sidebar: decoding\.seed = 'x' is not a number"):
+        ui.decoding_settings(SETTINGS, dict(seed="x"))
+    values = dict(mode="standard", k=7.0, auto_k=True, temperature=0.5, top_p=0.9, top_k=40.0, max_new_tokens=12.0,
+                  seed=3.0, system_prompt="sys")
+    d = ui.decoding_settings(SETTINGS, values)
     assert (d.mode, d.k, d.auto_k, d.temperature, d.top_p, d.top_k, d.max_new_tokens, d.seed, d.system_prompt) == (
         "standard", 7, True, 0.5, 0.9, 40, 12, 3, "sys",
-    )  # fmt: skip
+    )
     assert type(d.k) is int and type(d.seed) is int
+    assert ui.decoding_settings(SETTINGS, dict(seed=2**64 - 1)).seed == 2**64 - 1  # exact: no float on the way
+    assert ui.decoding_settings(SETTINGS, dict(k=None, temperature="")) == SETTINGS.decoding  # not given: defaults
+
+
+def test_the_endpoint_builds_one_decoding_settings_and_keeps_the_api_names():
+    calls = []
+
+    def handler(message, decoding, request):
+        calls.append((message, decoding, request))
+        yield "ran"
+
+    endpoint = decoding_endpoint(handler, lambda error, message: f"refused {message}: {error}", SETTINGS, ["message"])
+    assert list(inspect.signature(endpoint).parameters) == ["message", *SIDEBAR_FIELDS, "request"]
+    values = {**asdict(SETTINGS.decoding), "k": 6.0, "seed": 9}
+    assert list(endpoint("hi", *(values[name] for name in SIDEBAR_FIELDS), "req")) == ["ran"]
+    assert calls == [("hi", replace(SETTINGS.decoding, k=6, seed=9), "req")]
+    # Gradio checks slider ranges itself; a value it lets through that the settings refuse is one line, not a crash.
+    values["top_p"] = 0.0
+    (refused,) = endpoint("hi", *(values[name] for name in SIDEBAR_FIELDS), None)
+    assert refused.startswith("refused hi: settings sidebar: decoding.top_p = 0.0 is out of range") and len(calls) == 1
+
+
+def test_api_endpoints_keep_their_names_and_parameters(served):
+    api = served[0].get_api_info()["named_endpoints"]
+    sidebar = ["system_prompt", "mode", "k", "auto_k", "temperature", "top_p", "top_k", "max_new_tokens", "seed"]
+    expected = {
+        "/chat": ["message", "chat_state", *sidebar], "/regenerate": ["chat_state", *sidebar],
+        "/compare": ["prompt", *(name for name in sidebar if name != "mode")], "/stats": ["chat_state", "k"],
+        "/restore": ["chat_state"], "/clear": [], "/stop": [], "/model_info": [],
+    }
+    assert {name: [p["parameter_name"] for p in e["parameters"]] for name, e in api.items()} == expected
+    assert [len(api[name]["returns"]) for name in ("/chat", "/stats", "/compare")] == [8, 4, 4]
+    k = next(p for p in api["/chat"]["parameters"] if p["parameter_name"] == "k")
+    assert k["type"]["description"] == f"numeric value between {K_MIN} and {K_MAX}"
+
+
+def test_stats_line_is_one_function_for_the_ui_and_the_terminal():
+    turn = FakeService().start_turn([{"role": "user", "content": "hi"}], SETTINGS.decoding)
+    list(turn)
+    record, s = turn.record(), turn.stats
+    markdown, plain = stats_line(record), stats_line(record, markdown=False)
+    assert "**" in markdown and "⚡" in markdown and "*" not in plain and "⚡" not in plain
+    assert plain.splitlines()[0] == markdown.split("\n\n")[0].replace("**", "").removeprefix("⚡ ")
+    for part in (f"K = {s.k} (fixed)", f"acceptance {s.acceptance_rate:.1%}", f"{s.tokens_per_s:.1f} tok/s",
+                 f"{s.speedup:.2f}× vs standard decoding", f"{s.new_tokens} tokens in {s.wall_s:.2f} s", "stop: eos"):
+        assert part in plain, (part, plain)
+    assert stats_title(record).startswith(f"⚡ speculative · K={s.k} fixed")
+
+
+def test_the_stats_line_module_does_not_import_gradio():
+    code = "import sys, chatapp.ui.format; assert 'gradio' not in sys.modules, 'gradio imported'"
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # --- compare, model, serving ---------------------------------------------------------------
@@ -253,7 +353,7 @@ def test_compare_runs_both_fairly_and_alternates_the_order(client, fake):
 def test_model_info(client):
     text = client.predict(api_name="/model_info")
     for expected in ("FakeLM-135M", "int8 weight-only per-channel (fake)", "538.1 MB", "162.0 MB", "134.5 M",
-                     "float32", "fake (scripted)", "compatible: the draft is a quantized copy", "Load time:** 0.2 s"):  # fmt: skip
+                     "float32", "fake (scripted)", "compatible: the draft is a quantized copy", "Load time:** 0.2 s"):
         assert expected in text
 
 

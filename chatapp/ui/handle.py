@@ -1,0 +1,160 @@
+"""The service behind the UI, possibly still loading, and what each browser
+session keeps between calls (its running reply, for Stop; Clear's epoch).
+
+Contract: `ServiceHandle` wraps a ready ChatService-like object, or builds
+one with `factory(progress)` in a background thread so that the page is up
+at once; handlers call `require()` (the service, or `UnavailableError` with a
+one-line reason). `Sessions.get(request)` returns the `Session` of a Gradio
+request (keyed by its session hash). Neither knows anything about Gradio's
+components or about what a service does.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import one_line
+
+PROGRESS_KEPT = 12  # load-progress messages kept for the Model tab
+MAX_SESSIONS = 2000  # past this, the least recently seen idle half is forgotten
+# Load failures whose message already says what went wrong (no class name needed).
+SELF_EXPLAINING = ("ModelLoadError", "IncompatibleModelsError", "SettingsError")
+
+
+class UnavailableError(RuntimeError):
+    """The models are still loading or failed to load."""
+
+
+class ServiceHandle:
+    """A service that is ready, or being built by `factory(progress)` in a thread."""
+
+    def __init__(
+        self, service: Any = None, factory: Callable[[Callable[[str], None]], Any] | None = None, *, echo: bool = False
+    ):
+        if service is None and factory is None:
+            raise ValueError("ServiceHandle needs a service or a factory")
+        self.service = service
+        self.error: str | None = None
+        self.progress: list[str] = []
+        self._factory = factory
+        self._echo = echo  # also print progress and errors to stderr (`main.py serve`)
+        self._thread: threading.Thread | None = None
+        self.started = time.perf_counter()
+        self.ready_s: float | None = 0.0 if service is not None else None
+
+    @classmethod
+    def of(cls, service_or_factory: Any) -> ServiceHandle:
+        """A started handle from a handle, a ChatService-like object or a factory(progress)."""
+        if isinstance(service_or_factory, ServiceHandle):
+            return service_or_factory.start()
+        if hasattr(service_or_factory, "start_turn"):
+            return cls(service_or_factory)
+        if callable(service_or_factory):
+            return cls(factory=service_or_factory).start()
+        raise TypeError("build_app needs a ChatService-like object, a ServiceHandle or a factory(progress)")
+
+    @property
+    def status(self) -> str:
+        if self.service is not None:
+            return "ready"
+        return "error" if self.error else "loading"
+
+    def report(self, message: str) -> None:
+        self.progress = (self.progress + [message])[-PROGRESS_KEPT:]
+        if self._echo:
+            print(f"specchat: {message}", file=sys.stderr, flush=True)
+
+    def start(self) -> ServiceHandle:
+        if self._factory is not None and self._thread is None and self.service is None:
+            self._thread = threading.Thread(target=self._load, name="specchat-load", daemon=True)
+            self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> str:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status
+
+    def _load(self) -> None:
+        try:
+            service = self._factory(self.report)
+        except MemoryError:
+            self._fail("out of memory loading the models; try a smaller model or another device")
+        except Exception as error:  # ModelLoadError, IncompatibleModelsError, CUDA OOM, anything
+            self._fail(_load_failure(error))
+        else:
+            self.service = service
+            self.ready_s = time.perf_counter() - self.started
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        if self._echo:
+            print(f"error: {message} (the UI stays up and shows it in the Model tab)", file=sys.stderr, flush=True)
+
+    def require(self) -> Any:
+        if self.service is not None:
+            return self.service
+        if self.error:
+            raise UnavailableError(f"the models failed to load: {self.error}")
+        raise UnavailableError("the models are still loading; see the Model tab")
+
+
+def _load_failure(error: Exception) -> str:
+    name = type(error).__name__
+    message = one_line(error)
+    if "OutOfMemory" in name:
+        return f"out of memory loading the models ({message}); try a smaller model or another device"
+    return message if name in SELF_EXPLAINING else f"{name}: {message}"
+
+
+@dataclass
+class Session:
+    turn: Any = None  # the running turn, for Stop
+    epoch: int = 0  # bumped by Clear: a reply started before it does not write back
+    last_seen: float = 0.0
+
+    @contextmanager
+    def running(self, turn: Any) -> Iterator[Iterator[Any]]:
+        """Iterate `turn` as this session's running turn (what Stop stops); the
+        turn's iterator is closed however the iteration ends (a client gone,
+        an engine error), so that its generation is released."""
+        self.turn = turn
+        events = iter(turn)
+        try:
+            yield events
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+            if self.turn is turn:
+                self.turn = None
+
+
+class Sessions:
+    """Per-browser-session bookkeeping, keyed by Gradio's session hash."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+
+    def get(self, request: Any) -> Session:
+        key = getattr(request, "session_hash", None) or "default"
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                if len(self._sessions) > MAX_SESSIONS:
+                    self._forget_idle()
+                session = self._sessions[key] = Session()
+            session.last_seen = time.monotonic()
+            return session
+
+    def _forget_idle(self) -> None:
+        idle = sorted((s.last_seen, key) for key, s in self._sessions.items() if s.turn is None)
+        for _, key in idle[: MAX_SESSIONS // 2]:
+            del self._sessions[key]

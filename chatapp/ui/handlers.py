@@ -1,0 +1,311 @@
+"""What the app does when it is used: chat, regenerate, stop, clear, restore,
+compare, the Stats tab and the Model tab.
+
+Contract: `Handlers(handle, settings)` holds what outlives a call (the
+service handle, the per-browser sessions, the token-piece cache, the
+Compare order). Each handler returns (or streams) its outputs as a tuple in
+the order of CHAT_OUTPUTS, STATS_OUTPUTS or COMPARE_OUTPUTS, so the layout
+wires components by those names; generating handlers take ONE
+DecodingSettings (sidebar.decoding_endpoint builds it from the inputs).
+
+Every handler catches its own errors and shows one line (a gr.Warning toast
+plus a notice line); no traceback ever reaches the page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ..autok import AcceptanceTracker
+from ..errors import one_line
+from ..settings import DecodingSettings, Settings
+from .format import (
+    COMPARE_COLUMNS,
+    CURSOR,
+    NO_STATS,
+    compare_rows,
+    compare_verdict,
+    live_line,
+    model_markdown,
+    model_status_line,
+    stats_line,
+)
+from .handle import ServiceHandle, Session, Sessions, UnavailableError
+from .state import EMPTY_STATE, clean_state, history, records, render_chat
+from .stats_tab import per_turn_figure, stats_summary, theory_figure, turns_frame
+
+# What /chat, /regenerate, /clear and /restore return, in order (for API clients and tests).
+CHAT_OUTPUTS = ("chatbot", "message", "state", "stats", "tokens", "notice", "turns_table", "summary")
+STATS_OUTPUTS = ("turn_plot", "theory_plot", "turns_table", "summary")  # what /stats returns
+COMPARE_OUTPUTS = ("standard", "speculative", "table", "verdict")  # what /compare returns
+MODEL_OUTPUTS = ("model", "status", "timer")  # what the loading timer refreshes
+MODES = ("standard", "speculative")
+
+
+class Outputs:
+    """Handler results by output name, as the tuple Gradio expects; names not
+    given are left as they are on the page (gr.skip())."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+
+    def __call__(self, **values: Any) -> tuple:
+        unknown = set(values) - set(self.names)
+        if unknown:
+            raise TypeError(f"not an output: {', '.join(sorted(unknown))}")
+        return tuple(values.get(name, gr.skip()) for name in self.names)
+
+
+class TokenView:
+    """Tokens as (text piece, source) pairs for the HighlightedText, each id decoded once."""
+
+    MAX_CACHED = 200_000
+
+    def __init__(self) -> None:
+        self._pieces: dict[int, str] = {}
+
+    def __call__(self, tokenizer: Any, tokens: list) -> list[tuple[str, str]]:
+        return [(self._piece(tokenizer, t.id), t.source) for t in tokens]
+
+    def _piece(self, tokenizer: Any, token_id: int) -> str:
+        text = self._pieces.get(token_id)
+        if text is None:
+            try:
+                text = tokenizer.decode([token_id])
+            except Exception:  # a tokenizer that cannot decode one id alone: still show where it is
+                text = f"<{token_id}>"
+            if len(self._pieces) < self.MAX_CACHED:
+                self._pieces[token_id] = text
+        return text
+
+
+def _warn(line: str) -> str:
+    gr.Warning(line)
+    return f"⚠ {line}"
+
+
+def _start_failure(error: Exception) -> str:
+    # Bad input (too long, bad settings) and "not loaded" say enough; anything else is named.
+    if isinstance(error, (ValueError, UnavailableError)):
+        return one_line(error)
+    return f"{type(error).__name__}: {one_line(error)}"
+
+
+class Handlers:
+    """The app's event handlers over one service handle; `refuse_*` answer for a
+    handler whose sidebar values the settings refused (see sidebar.decoding_endpoint)."""
+
+    def __init__(self, handle: ServiceHandle, settings: Settings):
+        self.handle, self.settings = handle, settings
+        self.sessions = Sessions()
+        self.token_view = TokenView()
+        self.chat_out, self.stats_out = Outputs(CHAT_OUTPUTS), Outputs(STATS_OUTPUTS)
+        self.compare_out = Outputs(COMPARE_OUTPUTS)
+        self._compares = itertools.count()  # Compare alternates which decoding runs first
+
+    # --- chat ----------------------------------------------------------------------
+
+    def chat(self, message: str, chat_state: Any, decoding: DecodingSettings, request: gr.Request = None):
+        """Send `message`; streams the reply. `chat_state` is the stored chat ({"messages": [...]})."""
+        session = self.sessions.get(request)
+        text = message or ""
+        if not text.strip():
+            yield self._failed("the message is empty: type something first")
+            return
+        messages = clean_state(chat_state)["messages"] + [{"role": "user", "content": text}]
+        try:
+            turn = self._start(messages, decoding)
+        except Exception as error:
+            yield self._failed(_start_failure(error), "Not sent: ", message=text)
+            return
+        yield from self._stream(session, messages, turn, clear_box=True)
+
+    def refuse_chat(self, error: Exception, message: str, chat_state: Any) -> tuple:
+        return self._failed(error, "Not sent: ", message=message or "")
+
+    def regenerate(self, chat_state: Any, decoding: DecodingSettings, request: gr.Request = None):
+        """Answer the last user message again (the last reply is replaced)."""
+        session = self.sessions.get(request)
+        messages = clean_state(chat_state)["messages"]
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            yield self._failed("nothing to regenerate yet")
+            return
+        try:
+            turn = self._start(messages, decoding)
+        except Exception as error:
+            yield self._failed(_start_failure(error), "Cannot regenerate: ")
+            return
+        yield from self._stream(session, messages, turn, clear_box=False)
+
+    def refuse_regenerate(self, error: Exception, chat_state: Any) -> tuple:
+        return self._failed(error, "Cannot regenerate: ")
+
+    def stop(self, request: gr.Request = None) -> str:
+        """Stop this session's running reply after its current round."""
+        turn = self.sessions.get(request).turn
+        if turn is None:
+            return "Nothing is being generated."
+        try:
+            turn.stop()
+        except Exception as error:
+            return f"⚠ Stop failed: {one_line(error)}"
+        return "■ Stopping after the current round…"
+
+    def clear(self, request: gr.Request = None) -> tuple:
+        """Forget the conversation (stops a running reply)."""
+        session = self.sessions.get(request)
+        session.epoch += 1
+        if session.turn is not None:
+            session.turn.stop()
+        return self._chat_view([], tokens=[], notice="")
+
+    def restore(self, chat_state: Any) -> tuple:
+        """Show the chat stored in the browser (on page load)."""
+        try:
+            return self._chat_view(clean_state(chat_state)["messages"], tokens=[], notice="")
+        except Exception as error:
+            return self.chat_out(notice=f"⚠ Could not restore the saved chat: {one_line(error)}", state=EMPTY_STATE)
+
+    def _failed(self, error: BaseException | str, prefix: str = "", **extra: Any) -> tuple:
+        return self.chat_out(notice=_warn(f"{prefix}{one_line(error)}"), **extra)
+
+    def _start(self, messages: list[dict], decoding: DecodingSettings) -> Any:
+        return self.handle.require().start_turn(history(messages), decoding)
+
+    def _chat_view(self, messages: list[dict], **extra: Any) -> tuple:
+        """Every chat output for a finished conversation (`extra` overrides)."""
+        replies = records(messages)
+        values = {
+            "chatbot": render_chat(messages),
+            "state": {"messages": messages},
+            "stats": stats_line(replies[-1]) if replies else NO_STATS,
+            "turns_table": turns_frame(replies),
+            "summary": stats_summary(self.handle.service, replies),
+        }
+        return self.chat_out(**{**values, **extra})
+
+    def _stream(self, session: Session, messages: list[dict], turn: Any, clear_box: bool) -> Iterator[tuple]:
+        """Stream one reply into the chat, then store it (with its stats) in the browser state."""
+        epoch = session.epoch
+        error = yield from self._rounds(session, epoch, messages, turn, clear_box)
+        if session.epoch == epoch:  # not cleared meanwhile
+            yield self._stored(messages, turn, error)
+
+    def _rounds(self, session: Session, epoch: int, messages: list[dict], turn: Any, clear_box: bool):
+        """The live updates of one reply; returns the error that ended it early, if any."""
+        tokenizer, pieces = self.handle.service.tokenizer, []
+        try:
+            with session.running(turn) as events:
+                if turn.notice:
+                    gr.Info(turn.notice)
+                yield self.chat_out(
+                    chatbot=render_chat(messages, "", turn.notice), message="" if clear_box else gr.skip(),
+                    stats=live_line(turn.stats), tokens=[], notice=f"ℹ {turn.notice}" if turn.notice else "",
+                )
+                for event in events:
+                    pieces.extend(self.token_view(tokenizer, event.tokens))
+                    if session.epoch != epoch:  # cleared meanwhile: end the reply, show nothing more
+                        turn.stop()
+                        continue
+                    yield self.chat_out(chatbot=render_chat(messages, turn.text, turn.notice),
+                                        stats=live_line(turn.stats), tokens=pieces)
+        except Exception as error:  # the engine failed mid-reply: keep what came, say why
+            return error
+        return None
+
+    def _stored(self, messages: list[dict], turn: Any, error: Exception | None) -> tuple:
+        """The last update of a reply: it and its record join the stored chat; the notice says how it ended."""
+        record = turn.record()
+        messages = messages + [{"role": "assistant", "content": turn.text, "stats": record}]
+        notice = "■ Stopped: the reply is cut where it was." if record.get("stop_reason") == "stopped" else ""
+        if turn.notice:
+            notice = f"ℹ {turn.notice}"
+        if error is not None:
+            notice = _warn(f"generation failed: {one_line(error)}")
+        return self._chat_view(messages, tokens=self.token_view(self.handle.service.tokenizer, turn.tokens),
+                               notice=notice)
+
+    # --- compare -------------------------------------------------------------------
+
+    def compare(self, prompt: str, decoding: DecodingSettings, request: gr.Request = None):
+        """Answer `prompt` with standard and with speculative decoding, one after the other; compare."""
+        session = self.sessions.get(request)
+        if not (prompt or "").strip():
+            gr.Warning("the prompt is empty")
+            yield self.compare_out(verdict="⚠ The prompt is empty.")
+            return
+        try:
+            service = self.handle.require()
+        except UnavailableError as error:
+            yield self.refuse_compare(error, prompt)
+            return
+        order = MODES if next(self._compares) % 2 == 0 else MODES[::-1]
+        yield self.compare_out(standard="", speculative="", table=None,
+                               verdict=f"Running {order[0]} first, then {order[1]}…")
+        turns: dict[str, Any] = {}
+        error = yield from self._compare_runs(service, session, prompt, decoding, order, turns)
+        yield self.compare_out(
+            standard=turns["standard"].text if "standard" in turns else "",
+            speculative=turns["speculative"].text if "speculative" in turns else "",
+            table=pd.DataFrame(compare_rows(turns, order), columns=COMPARE_COLUMNS),
+            verdict=compare_verdict(turns, order, decoding.temperature, decoding.seed, error),
+        )
+
+    def refuse_compare(self, error: Exception, prompt: str) -> tuple:
+        return self.compare_out(verdict=_warn(one_line(error)))
+
+    def _compare_runs(self, service: Any, session: Session, prompt: str, decoding: DecodingSettings,
+                      order: tuple[str, ...], turns: dict[str, Any]):
+        """Run each decoding in `order` into `turns`, streaming its pane; returns the error that ended the
+        comparison early, if any (a Stop ends it too)."""
+        conversation = [{"role": "user", "content": prompt}]
+        for mode in order:
+            try:  # a fresh Generation for each run: fresh caches, same seed
+                turn = turns[mode] = service.start_turn(conversation, dataclasses.replace(decoding, mode=mode))
+            except Exception as error:
+                return error
+            try:
+                with session.running(turn) as events:
+                    for _ in events:
+                        yield self.compare_out(**{mode: turn.text + CURSOR})
+            except Exception as error:
+                return error
+            if turn.stats.stop_reason == "stopped":
+                return None
+        return None
+
+    # --- the Stats and Model tabs ------------------------------------------------------
+
+    def stats(self, chat_state: Any, k: Any) -> tuple:
+        """The Stats tab for the stored chat: per-reply plot, theory plot, table, summary."""
+        try:
+            replies = records(clean_state(chat_state)["messages"])
+            service = self.handle.service
+            c = service.tracker.cost_ratio if service is not None else AcceptanceTracker.PRIOR_COST_RATIO
+            return self.stats_out(
+                turn_plot=per_turn_figure(replies),
+                theory_plot=theory_figure(replies, c, int(k or self.settings.decoding.k)),
+                turns_table=turns_frame(replies),
+                summary=stats_summary(service, replies),
+            )
+        except Exception as error:
+            line = one_line(error)
+            gr.Warning(f"cannot draw the stats: {line}")
+            return self.stats_out(summary=f"⚠ Cannot draw the stats: {line}")
+
+    def model_info(self) -> str:
+        """The Model tab's text: both models, compatibility, load time (or the load progress/error)."""
+        return model_markdown(self.handle)
+
+    def tick(self) -> tuple:
+        """The Model tab and status line while the models load; the timer stops once they are ready."""
+        loading = self.handle.status == "loading"
+        return model_markdown(self.handle), model_status_line(self.handle), gr.Timer(active=loading)

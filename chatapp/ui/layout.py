@@ -1,0 +1,189 @@
+"""The page: the Blocks layout and which handler each event calls.
+
+Contract: `build_app(service_or_factory, settings)` returns the gr.Blocks
+(not launched; launch.launch_app adds the theme and CSS). The models are
+reached only through the service handle that the handlers hold, so tests
+can pass a scripted fake; `service_or_factory` is a ChatService-like object,
+a ServiceHandle, or `factory(progress) -> service` (loaded in a background
+thread while the page is already up). Components are named by the handlers'
+output names (handlers.CHAT_OUTPUTS, ...); this module decides only where
+they sit and what triggers what. API names: /chat, /regenerate, /stop,
+/clear, /compare, /restore, /stats, /model_info.
+
+All generation shares one queue slot (concurrency id GENERATION), so waiting
+users see their position in the queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ..settings import Settings, load_settings
+from .format import COMPARE_COLUMNS, NO_STATS, model_markdown, model_status_line
+from .handle import ServiceHandle
+from .handlers import CHAT_OUTPUTS, COMPARE_OUTPUTS, MODEL_OUTPUTS, STATS_OUTPUTS, Handlers
+from .sidebar import SIDEBAR_FIELDS, build_sidebar, decoding_endpoint, without
+from .state import EMPTY_STATE, STORAGE_KEY
+from .stats_tab import stats_summary, turns_frame
+
+GENERATION = "generation"  # the one concurrency slot that every model call shares
+SOURCE_COLORS = {  # token view categories -> colors (Gradio HighlightedText color_map)
+    "draft": "#22c55e",  # accepted draft tokens
+    "target": "#f97316",  # the target's correction after a rejected draft token
+    "bonus": "#3b82f6",  # the target's extra token after all K drafts were accepted
+    "standard": "#94a3b8",  # standard (target-only) decoding
+}
+SOURCE_HELP = {
+    "draft": "draft token the target accepted",
+    "target": "target's correction of a rejected draft",
+    "bonus": "target's bonus token after all K drafts were accepted",
+    "standard": "standard decoding (target only)",
+}
+INTRO = (
+    "# ⚡ SpecChat\n"
+    "An INT8 draft proposes K tokens, the full-precision target verifies them in one pass: "
+    "the reply is exactly the target's own, only faster."
+)
+COMPARE_INTRO = (
+    "One prompt, answered by standard decoding and by speculative decoding with the sidebar's "
+    "settings (same seed, same device, fresh caches for each run). The order alternates each click."
+)
+
+
+def build_app(service_or_factory: Any, settings: Settings | None = None) -> gr.Blocks:
+    """The Blocks app (see the module docstring)."""
+    settings = settings if settings is not None else load_settings()
+    handle = ServiceHandle.of(service_or_factory)
+    handlers = Handlers(handle, settings)
+    with gr.Blocks(title="SpecChat · speculative decoding", analytics_enabled=False, fill_width=True) as demo:
+        page = {"state": gr.BrowserState(EMPTY_STATE, storage_key=STORAGE_KEY)}
+        sidebar = build_sidebar(settings.decoding)
+        with gr.Column(elem_id="app-header"):
+            gr.Markdown(INTRO)
+            page["status"] = gr.Markdown(model_status_line(handle), elem_id="model-status")
+        with gr.Tabs():
+            page.update(_chat_tab())
+            page.update(_stats_tab(handle))
+            page.update(_compare_tab())
+            with gr.Tab("Model", id="model"):
+                page["model"] = gr.Markdown(model_markdown(handle), elem_id="model-info")
+        page["timer"] = gr.Timer(1.0, active=handle.status == "loading")
+        demo.specchat_chat_event = _wire(demo, page, sidebar, handlers, settings)
+        demo.queue(default_concurrency_limit=1)
+    demo.specchat_handle = handle  # for tests and serve()
+    return demo
+
+
+def _chat_tab() -> dict[str, Any]:
+    with gr.Tab("Chat", id="chat"):
+        chatbot = gr.Chatbot(
+            label="Chat", show_label=False, height=460, elem_id="chatbot", render_markdown=True,
+            buttons=["copy", "copy_all"], feedback_options=None,
+            placeholder="**Ask anything.** Replies stream round by round; the stats and the "
+            "colored token view below show what the draft contributed.",
+        )
+        notice = gr.Markdown("", elem_id="chat-notice")
+        with gr.Row(equal_height=True):
+            message = gr.Textbox(
+                placeholder="Type a message and press Enter (Shift+Enter for a new line)",
+                show_label=False, lines=1, max_lines=10, scale=8, elem_id="chat-input", autofocus=True,
+            )
+            send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="send-btn")
+        with gr.Row():
+            stop = gr.Button("■ Stop", variant="stop", size="sm", elem_id="stop-btn")
+            regenerate = gr.Button("↻ Regenerate", variant="secondary", size="sm", elem_id="regenerate-btn")
+            clear = gr.Button("✕ Clear", variant="secondary", size="sm", elem_id="clear-btn")
+        stats = gr.Markdown(NO_STATS, elem_id="turn-stats")
+        tokens = gr.HighlightedText(
+            value=[], label="Tokens of the last reply, by origin", color_map=SOURCE_COLORS, show_legend=True,
+            show_inline_category=False, combine_adjacent=False, elem_id="token-view",
+        )
+        gr.HTML(_token_legend())
+    return dict(chatbot=chatbot, notice=notice, message=message, send=send, stop=stop, regenerate=regenerate,
+                clear=clear, stats=stats, tokens=tokens)
+
+
+def _token_legend() -> str:
+    swatches = (
+        f"<span class='swatch' style='background:{SOURCE_COLORS[s]}'></span><b>{s}</b>: {SOURCE_HELP[s]}"
+        for s in SOURCE_COLORS
+    )
+    return "<div id='token-legend'>" + "".join(swatches) + "</div>"
+
+
+def _stats_tab(handle: ServiceHandle) -> dict[str, Any]:
+    with gr.Tab("Stats", id="stats") as tab:
+        summary = gr.Markdown(stats_summary(handle.service, []), elem_id="stats-summary")
+        with gr.Row():
+            # Drawn when the tab is opened (matplotlib takes ~0.3 s a figure on a small CPU).
+            turn_plot = gr.Plot(None, show_label=False, elem_id="turn-plot")
+            theory_plot = gr.Plot(None, show_label=False, elem_id="theory-plot")
+        turns_table = gr.Dataframe(turns_frame([]), label="Replies in this conversation", interactive=False,
+                                   elem_id="turns-table")
+    return dict(stats_tab=tab, summary=summary, turn_plot=turn_plot, theory_plot=theory_plot,
+                turns_table=turns_table)
+
+
+def _compare_pane(title: str, placeholder: str, elem_id: str) -> gr.Markdown:
+    with gr.Column():
+        gr.Markdown(title)
+        return gr.Markdown(placeholder, elem_classes=["cmp-pane"], container=True, elem_id=elem_id)
+
+
+def _compare_tab() -> dict[str, Any]:
+    with gr.Tab("Compare", id="compare"):
+        gr.Markdown(COMPARE_INTRO)
+        with gr.Row(equal_height=True):
+            prompt = gr.Textbox(value="Explain speculative decoding in three sentences.", label="Prompt", lines=2,
+                                scale=8, elem_id="compare-prompt")
+            with gr.Column(scale=1, min_width=160):
+                run = gr.Button("▶ Compare", variant="primary", elem_id="compare-btn")
+                stop = gr.Button("■ Stop", variant="stop", size="sm", elem_id="compare-stop-btn")
+        with gr.Row():
+            standard = _compare_pane("#### ◎ Standard (target only)", "*The standard reply streams here.*",
+                                     "compare-standard")
+            speculative = _compare_pane("#### ⚡ Speculative (draft + target)",
+                                        "*The speculative reply streams here.*", "compare-speculative")
+        table = gr.Dataframe(pd.DataFrame(columns=COMPARE_COLUMNS), label="Measured in this comparison",
+                             interactive=False, elem_id="compare-table")
+        verdict = gr.Markdown("", elem_id="compare-verdict")
+    return dict(prompt=prompt, compare=run, compare_stop=stop, standard=standard, speculative=speculative,
+                table=table, verdict=verdict)
+
+
+def _pick(page: dict[str, Any], names: tuple[str, ...]) -> list:
+    return [page[name] for name in names]
+
+
+def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Handlers, settings: Settings):
+    """Connect the events to the handlers; returns the chat event (for tests)."""
+    # One slot for every model call; the queue shows waiting users their position on the chat / the panes.
+    gen = dict(concurrency_limit=1, concurrency_id=GENERATION, show_progress="full")
+    quick = dict(queue=False)  # no model call: answered at once, even while a reply streams
+    hidden = dict(api_visibility="private", queue=False)
+    chat_out, stats_out = _pick(page, CHAT_OUTPUTS), _pick(page, STATS_OUTPUTS)
+    compare_fields = without(SIDEBAR_FIELDS, "mode")  # Compare runs both modes
+
+    chat = decoding_endpoint(h.chat, h.refuse_chat, settings, ("message", "chat_state"))
+    chat_event = gr.on([page["send"].click, page["message"].submit], chat,
+                       [page["message"], page["state"], *sidebar.values()], chat_out, api_name="chat",
+                       show_progress_on=[page["chatbot"]], **gen)
+    regenerate = decoding_endpoint(h.regenerate, h.refuse_regenerate, settings, ("chat_state",))
+    page["regenerate"].click(regenerate, [page["state"], *sidebar.values()], chat_out, api_name="regenerate",
+                             show_progress_on=[page["chatbot"]], **gen)
+    page["stop"].click(h.stop, None, page["notice"], api_name="stop", **quick)
+    page["compare_stop"].click(h.stop, None, page["verdict"], **hidden)
+    page["clear"].click(h.clear, None, chat_out, api_name="clear", **quick)
+    compare = decoding_endpoint(h.compare, h.refuse_compare, settings, ("prompt",), compare_fields)
+    gr.on([page["compare"].click, page["prompt"].submit], compare,
+          [page["prompt"], *(sidebar[name] for name in compare_fields)], _pick(page, COMPARE_OUTPUTS),
+          api_name="compare", show_progress_on=[page["standard"], page["speculative"]], **gen)
+    demo.load(h.restore, [page["state"]], chat_out, api_name="restore", **quick)
+    page["stats_tab"].select(h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", **quick)
+    demo.load(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)
+    gr.api(h.model_info, api_name="model_info", queue=False)
+    page["timer"].tick(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)
+    return chat_event
