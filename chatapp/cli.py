@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int)
     bench.add_argument("--out", help="output folder (default: bench-out)")
     bench.add_argument("--quick", action="store_true", help="a run of a few minutes")
+    bench.add_argument("--gpu-check", action="store_true", dest="gpu_check",
+                       help="the CUDA path on random-weight Qwen2.5-7B/0.5B shapes (only --out applies)")
+    bench.add_argument("--tiny", action="store_true", help="with --gpu-check: the same check on the CPU, tiny shapes")
 
     prepare = sub.add_parser("prepare", help="fetch and convert the embedded model, build the CPU kernels")
     _model_flags(prepare)
@@ -114,7 +117,9 @@ def cmd_generate(args) -> int:
     settings = _settings(args)
     if not args.prompt.strip():
         raise ValueError("the prompt is empty")
+    # Imported here: they pull in torch, which --help and a bad flag need not wait for.
     from .service import ChatService
+    from .ui.format import stats_line
 
     pair = _load(settings, quiet=args.json)
     service = ChatService(pair)
@@ -126,7 +131,6 @@ def cmd_generate(args) -> int:
     for event in turn:
         if not args.json:
             print(event.text, end="", flush=True)
-    stats = turn.stats
     if args.json:
         print(
             json.dumps(
@@ -142,20 +146,8 @@ def cmd_generate(args) -> int:
         )
     else:
         print()
-        print(format_stats_line(stats), file=sys.stderr)
+        print(stats_line(turn.record(), markdown=False), file=sys.stderr)
     return 0
-
-
-def format_stats_line(stats) -> str:
-    parts = [f"{stats.mode}", f"{stats.new_tokens} tokens", f"{stats.tokens_per_s:.1f} tok/s"]
-    if stats.mode == "speculative":
-        parts.insert(1, f"K={stats.k}")
-        if stats.acceptance_rate is not None:
-            parts.append(f"acceptance {stats.acceptance_rate:.0%}")
-            parts.append(f"{stats.mean_accepted_per_round:.2f} accepted/round")
-    if stats.speedup is not None:
-        parts.append(f"speedup {stats.speedup:.2f}x vs {stats.baseline_tokens_per_s:.1f} tok/s standard")
-    return "[" + ", ".join(parts) + "]"
 
 
 def cmd_serve(args) -> int:
