@@ -25,7 +25,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -42,6 +42,15 @@ SOURCES = ("draft", "target", "bonus", "standard")
 class Token:
     id: int
     source: str
+
+
+@dataclass
+class PrefixCache:
+    """A target cache kept after a reply: it holds the keys/values of `ids` at positions
+    0..len(ids)-1, so the next reply of the conversation prefills only what is new."""
+
+    cache: Any
+    ids: list[int]
 
 
 def clock(device: torch.device) -> float:
@@ -115,6 +124,8 @@ class Generation:
         baseline: Baseline | None = None,
         record_baseline: bool = True,
         reference_steps: int = 3,
+        prefix: PrefixCache | None = None,
+        keep_cache: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -161,6 +172,9 @@ class Generation:
             int8_path=self.draft.info.quantization if self.draft else "",
             source_counts={s: 0 for s in SOURCES},
         )
+        self._prefix = prefix
+        self._keep_cache = keep_cache
+        self.kept: PrefixCache | None = None  # with keep_cache: the target's cache once the reply ends
         self._stop_requested = False
         self._iterator: Iterator[list[Token]] | None = None
 
@@ -203,10 +217,12 @@ class Generation:
         self._reference_generator = new_generator(self.seed + 1, device)
         self._ids = list(self.prompt_ids)
         capacity = min(self.max_positions, len(self._ids) + self.max_new_tokens + self.k + 1)
+        if self._keep_cache:
+            capacity = self.max_positions  # room for the rest of the conversation
         start = clock(device)
         try:
-            self._target_cache = self.target.new_cache(capacity)
-            self._target_len = self._prefill(self.target, self._target_cache)
+            self._target_cache, cached = self._resume_or_new_cache(capacity)
+            self._target_len = self._prefill(self.target, self._target_cache, cached)
             if self.draft is not None:
                 self._draft_cache = self.draft.new_cache(capacity)
                 self._draft_len = self._prefill_draft()
@@ -231,10 +247,14 @@ class Generation:
                 elif len(self._ids) >= self.max_positions:
                     self.stats.stop_reason = "context"
                 self.stats.wall_s = time.perf_counter() - start - self.stats.reference_s  # the round has synced
+                if self.stats.first_token_s is None:
+                    self.stats.first_token_s = self.stats.wall_s
                 yield emitted
             if self.stats.stop_reason != "stopped":
                 while len(self._reference_times) < self._reference_steps:
                     self._time_reference_step()  # after the last token was shown
+            if self._keep_cache:
+                self.kept = PrefixCache(self._target_cache, self._ids[: self._target_len])
         except GeneratorExit:
             self.stats.stop_reason = self.stats.stop_reason or "stopped"
             raise
@@ -250,9 +270,26 @@ class Generation:
             ):
                 self._baseline.record(self.stats.tokens_per_s, "standard-mode turns")
 
-    def _prefill(self, lm: DecoderLM, cache) -> int:
-        if len(self._ids) > 1:
-            lm.forward(self._ids[:-1], 0, cache, logits=False)
+    def _resume_or_new_cache(self, capacity: int) -> tuple[Any, int]:
+        """The prefix cache when the target can resume it, with how many leading prompt positions it
+        already holds (their ids match: the longest common prefix); else a new cache and 0."""
+        resume = getattr(self.target, "resume_cache", None)
+        if self._prefix is not None and resume is not None:
+            cache = resume(self._prefix.cache, capacity)
+            if cache is not None:
+                held = 0
+                for mine, theirs in zip(self._ids[:-1], self._prefix.ids):
+                    if mine != theirs:
+                        break
+                    held += 1
+                self.stats.prefix_reused = held
+                return cache, held
+        return self.target.new_cache(capacity), 0
+
+    def _prefill(self, lm: DecoderLM, cache, cached: int = 0) -> int:
+        """Feed the prompt but its last token, from position `cached` on (what the cache lacks)."""
+        if len(self._ids) - 1 > cached:
+            lm.forward(self._ids[cached:-1], cached, cache, logits=False)
         return len(self._ids) - 1
 
     def _prefill_draft(self) -> int:

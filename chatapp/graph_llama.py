@@ -388,6 +388,14 @@ class GraphLlamaLM:
         self._epoch += 1
         return CacheHandle(self, self._epoch, min(capacity, self.max_positions))
 
+    def resume_cache(self, cache, capacity: int) -> CacheHandle | None:
+        """The buffers still hold what `cache`'s generation left when no generation came after it:
+        then they pass to a new generation; else None (another generation overwrote them)."""
+        if not isinstance(cache, CacheHandle) or cache.owner is not self or cache.epoch != self._epoch:
+            return None
+        self._epoch += 1
+        return CacheHandle(self, self._epoch, min(capacity, self.max_positions))
+
     @torch.inference_mode()
     def copy_cache_prefix(self, cache: CacheHandle, source, source_cache, length: int) -> bool:
         """Take positions 0..length-1 from `source` when it was built from the same weights (the

@@ -222,6 +222,13 @@ class LlamaDecoderLM:
         capacity = min(capacity, self.max_positions)
         return StaticCache(len(self.layers), self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
+    def resume_cache(self, cache, capacity: int) -> StaticCache | None:
+        """A cache of an earlier generation, for the next one: each generation owns its cache, so
+        it holds what it held; None when it is not ours or too small."""
+        ours = isinstance(cache, StaticCache) and cache.keys[0].device == self.device
+        fits = ours and len(cache.keys) == len(self.layers) and cache.capacity >= min(capacity, self.max_positions)
+        return cache if fits else None
+
     @torch.inference_mode()
     def copy_cache_prefix(self, cache: StaticCache, source, source_cache, length: int) -> bool:
         """Fill positions 0..length-1 of `cache` from `source`'s cache instead of

@@ -10,6 +10,10 @@ attends to everything before them.  Calling it with a `start` below what the
 cache already holds discards the tail past `start` -- that is how the engine
 rolls back rejected draft tokens, with no separate "crop" call.
 
+A target may offer `resume_cache(cache, capacity)`: a cache kept from an
+earlier generation, handed to the next (or None when it no longer holds what
+it held), so a conversation's next reply prefills only its new tokens.
+
 A draft may also offer `copy_cache_prefix(cache, source, source_cache, n)`:
 fill its cache's first n positions from another model's cache instead of a
 prefill, returning False when it cannot take that model's keys/values.
@@ -117,6 +121,12 @@ class HFDecoderLM:
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
+
+    def resume_cache(self, cache, capacity: int):
+        """A dynamic cache of an earlier generation: forward() crops it to where the next one starts."""
+        from transformers import DynamicCache
+
+        return cache if isinstance(cache, DynamicCache) else None
 
     @torch.inference_mode()
     def forward(self, ids, start: int, cache, *, logits: bool = True) -> torch.Tensor | None:

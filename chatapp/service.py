@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .autok import AcceptanceTracker, KChoice, calibrate_tracker
 from .chat import StreamDecoder, build_prompt
-from .engine import Generation, Token
+from .engine import Generation, PrefixCache, Token
 from .models import ModelPair, stop_token_ids
 from .sampling import SamplingParams
 from .settings import DecodingSettings
@@ -41,6 +41,7 @@ class Turn:
     k_choice: KChoice | None  # None for a standard-mode reply the user asked for
     text: str = ""
     _tracker: AcceptanceTracker | None = field(default=None, repr=False)
+    _keep: Callable[[PrefixCache | None], None] | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[TurnEvent]:
         try:
@@ -53,6 +54,8 @@ class Turn:
             self.text += self.decoder.flush()
             if self._tracker is not None:
                 self._tracker.record(self.generation.stats)
+            if self._keep is not None:
+                self._keep(self.generation.kept)
 
     @property
     def stats(self) -> TurnStats:
@@ -85,6 +88,9 @@ class ChatService:
         self.tracker = AcceptanceTracker()
         # One generation at a time: the models and their kernels are shared.
         self.lock = threading.Lock()
+        # The target's keys/values of the latest reply: the next reply of a conversation prefills only
+        # what follows its longest common prefix with them (another chat's reply shares less, not nothing).
+        self._kept: PrefixCache | None = None
 
     @property
     def context(self) -> int:
@@ -101,8 +107,11 @@ class ChatService:
         self.baseline.record(standard.tokens_per_s, f"calibration at load ({standard.new_tokens} tokens)")
         return self.baseline.tokens_per_s
 
-    def start_turn(self, history: list[dict], decoding: DecodingSettings, system: str | None = None) -> Turn:
-        """Build the prompt (dropping old turns if needed) and start a reply.
+    def start_turn(
+        self, history: list[dict], decoding: DecodingSettings, system: str | None = None, *, fresh: bool = False
+    ) -> Turn:
+        """Build the prompt (dropping old turns if needed) and start a reply. fresh=True prefills the whole
+        prompt instead of reusing the latest reply's keys/values (the comparison's runs must pay alike).
 
         Raises ValueError subclasses with one-line messages for bad input.
         """
@@ -121,8 +130,14 @@ class ChatService:
             stop_ids=self.stop_ids,
             seed=decoding.seed,
             baseline=self.baseline,
+            prefix=None if fresh else self._kept,
+            keep_cache=not fresh,
         )
-        return Turn(generation, StreamDecoder(self.tokenizer), prompt.notice, choice, _tracker=self.tracker)
+        keep = None if fresh else self._keep_prefix
+        return Turn(generation, StreamDecoder(self.tokenizer), prompt.notice, choice, _tracker=self.tracker, _keep=keep)
+
+    def _keep_prefix(self, kept: PrefixCache | None) -> None:
+        self._kept = kept
 
     def choose_k(self, decoding: DecodingSettings) -> KChoice | None:
         """How the next reply picks K; None when the user chose standard mode."""

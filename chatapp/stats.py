@@ -48,6 +48,8 @@ class TurnStats:
     draft_forwards: int = 0
     wall_s: float = 0.0
     prefill_s: float = 0.0
+    first_token_s: float | None = None  # time to the first shown token: prefill + the first round
+    prefix_reused: int = 0  # prompt positions whose keys/values came from the conversation's cache
     draft_prefill: str = ""  # "computed", or "copied from the target" (same weights; see engine)
     draft_s: float = 0.0
     target_s: float = 0.0

@@ -597,3 +597,41 @@ def test_measure_forward_costs(chat_models):
     assert sorted(forwards) == [1] and len(forwards[1]) == 2
 
 
+
+
+# -- 11. the conversation's prefix cache ------------------------------------------------
+
+
+def conversation(models, sampling, *, reuse: bool, turns: int = 4) -> list[list[int]]:
+    """Replies of a conversation: each prompt is the previous prompt + reply + a new user message."""
+    generator = torch.Generator().manual_seed(11)
+    prompt, kept, replies = list(PROMPT), None, []
+    for turn in range(turns):
+        gen = generate(models, prompt, k=3, sampling=sampling, max_new_tokens=8, seed=turn,
+                       prefix=kept if reuse else None, keep_cache=reuse)
+        reply = ids(gen.run())
+        replies.append(reply)
+        if reuse:
+            kept = gen.kept
+            assert gen.stats.prefix_reused == (0 if turn == 0 else len(prompt) - 1 - new_tokens)
+        new_tokens = 3
+        prompt = prompt + reply + torch.randint(models.vocab, (new_tokens,), generator=generator).tolist()
+    return replies
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, T1], ids=["T0", "T1"])
+def test_a_kept_cache_gives_the_replies_of_fresh_prefills(chat_models, sampling):
+    assert conversation(chat_models, sampling, reuse=True) == conversation(chat_models, sampling, reuse=False)
+
+
+def test_a_kept_cache_is_refused_after_another_generation_took_the_model(chat_models):
+    first = generate(chat_models, PROMPT, k=2, max_new_tokens=4, keep_cache=True)
+    first.run()
+    other = generate(chat_models, [9, 9, 9], k=2, max_new_tokens=4)  # e.g. the compare tab, in between
+    other.run()
+    again = generate(chat_models, PROMPT + first.token_ids, k=2, max_new_tokens=4, prefix=first.kept)
+    fresh = generate(chat_models, PROMPT + first.token_ids, k=2, max_new_tokens=4)
+    assert ids(again.run()) == ids(fresh.run())
+    # Models that own one cache (the graph decoder) start afresh; the others resume theirs.
+    graph = type(chat_models.target).__name__ == "GraphLlamaLM"
+    assert (again.stats.prefix_reused == 0) == graph

@@ -67,3 +67,16 @@ def test_speculative_turns_feed_the_tracker(service):
     before = service.tracker.drafted
     list(service.start_turn(HISTORY, decoding(k=2)))
     assert service.tracker.drafted > before
+
+
+def test_the_next_reply_prefills_only_what_is_new(service):
+    first = service.start_turn(HISTORY, decoding(k=3))
+    list(first)
+    history = HISTORY + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
+    second = service.start_turn(history, decoding(k=3))
+    list(second)
+    assert second.stats.prefix_reused > len(service.tokenizer.encode(HISTORY[0]["content"]))
+    fresh = service.start_turn(history, decoding(k=3), fresh=True)
+    list(fresh)
+    assert fresh.stats.prefix_reused == 0
+    assert [t.id for t in fresh.tokens] == [t.id for t in second.tokens]
