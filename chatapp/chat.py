@@ -13,7 +13,9 @@ A `Message` is a plain dict {"role": "user" | "assistant", "content": str}.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypedDict
+
+from .settings import HISTORY_CHARS_MAX, HISTORY_MESSAGES_MAX
 
 __all__ = [
     "EmptyPromptError",
@@ -22,6 +24,7 @@ __all__ = [
     "PromptTooLongError",
     "StreamDecoder",
     "build_prompt",
+    "check_history",
     "decode",
     "normalize_history",
 ]
@@ -160,25 +163,83 @@ def _latest(history: Sequence[Message]) -> Message:
     return {"role": "user", "content": str(latest["content"])}
 
 
+def check_history(history: Sequence[Message], system: str | None) -> None:
+    """Refuse, before any tokenizing, a history past the size limits: one-line ValueErrors."""
+    if len(history) > HISTORY_MESSAGES_MAX:
+        raise ValueError(f"the chat history is too long: {len(history)} messages, at most {HISTORY_MESSAGES_MAX}")
+    chars = len(system or "")
+    for number, message in enumerate(history, 1):
+        content = message.get("content", "") if isinstance(message, Mapping) else None
+        if not isinstance(content, str):
+            raise ValueError(f"message {number} of the chat history is not a text message")
+        chars += len(content)
+    if chars > HISTORY_CHARS_MAX:
+        raise ValueError(
+            f"the chat history is too long: {chars} characters with the system prompt, at most {HISTORY_CHARS_MAX}"
+        )
+
+
+def _most_turns_that_fit(encode: Callable[[int], list[int]], available: int, limit: int, ids: list[int]):
+    """(m, ids): the most of the `available` newest turns whose prompt has at most `limit` tokens,
+    given `ids`, the prompt with none of them, which fits.
+
+    A prompt grows with every turn it keeps, so this gallops back from the newest turn (1, 2, 4, ...
+    kept) and then bisects: each prompt encoded is at most twice the one that fits, and a long
+    history costs no more than a short one (dropping one turn at a time re-encoded the whole rest
+    of the history per turn, a cost that grew with the square of its length)."""
+    fits, too_many = 0, None
+    kept = 1
+    while kept <= available:
+        candidate = encode(kept)
+        if len(candidate) > limit:
+            too_many = kept
+            break
+        fits, ids = kept, candidate
+        if kept == available:
+            break
+        kept = min(2 * kept, available)
+    if too_many is None:
+        return fits, ids
+    while too_many - fits > 1:
+        kept = (fits + too_many) // 2
+        candidate = encode(kept)
+        if len(candidate) > limit:
+            too_many = kept
+        else:
+            fits, ids = kept, candidate
+    return fits, ids
+
+
+def _too_long(system: str | None, needed: int, limit: int) -> PromptTooLongError:
+    return PromptTooLongError(
+        f"the message is too long: {needed} prompt tokens{' with the system prompt' if system else ''}, "
+        f"but the context leaves room for {limit}"
+    )
+
+
 def build_prompt(tokenizer, history: Sequence[Message], system: str | None, max_prompt_tokens: int) -> PromptResult:
     """The prompt ids for `history` (ending with the user's latest message) in at most max_prompt_tokens.
 
     Oldest turns (a user message and its replies) are dropped until the prompt
-    fits; the system prompt and the latest user message are always kept.
+    fits; the system prompt and the latest user message are always kept. A
+    history past the limits of `check_history` is refused before any tokenizing.
     """
+    check_history(history, system)
     latest = _latest(history)
+    system = system if system and system.strip() else None
     earlier = [m for m in history[:-1] if m.get("role") in ROLES]
     turns = _turns(earlier)
-    for dropped in range(len(turns) + 1):
-        ids = _encode(tokenizer, _messages(system, turns[dropped:], latest))
-        if len(ids) <= max_prompt_tokens:
-            notice = f"{dropped} earlier turn(s) dropped to fit the context" if dropped else None
-            return PromptResult(ids, dropped, notice)
-    raise PromptTooLongError(
-        f"the message is too long: {len(ids)} prompt tokens"
-        f"{' with the system prompt' if system and system.strip() else ''}, "
-        f"but the context leaves room for {max_prompt_tokens}"
-    )
+
+    def encode(kept: int) -> list[int]:
+        return _encode(tokenizer, _messages(system, turns[len(turns) - kept :] if kept else [], latest))
+
+    ids = encode(0)
+    if len(ids) > max_prompt_tokens:
+        raise _too_long(system, len(ids), max_prompt_tokens)
+    kept, ids = _most_turns_that_fit(encode, len(turns), max_prompt_tokens, ids)
+    dropped = len(turns) - kept
+    notice = f"{dropped} earlier turn(s) dropped to fit the context" if dropped else None
+    return PromptResult(ids, dropped, notice)
 
 
 # --- decoding ---------------------------------------------------------------------

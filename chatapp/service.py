@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .autok import AcceptanceTracker, KChoice, calibrate_tracker
-from .chat import StreamDecoder, build_prompt
+from .chat import PromptResult, StreamDecoder, build_prompt
 from .engine import Generation, PrefixCache, Token
 from .models import ModelPair, stop_token_ids
 from .sampling import SamplingParams
@@ -107,17 +107,29 @@ class ChatService:
         self.baseline.record(standard.tokens_per_s, f"calibration at load ({standard.new_tokens} tokens)")
         return self.baseline.tokens_per_s
 
+    def prompt(self, history: list[dict], decoding: DecodingSettings, system: str | None = None) -> PromptResult:
+        """The prompt of the next reply: the history checked against its limits, then built (oldest turns
+        dropped if needed). Raises ValueError subclasses with one-line messages for bad input.
+
+        It takes no lock: a caller with a single generation slot should build the prompt before it
+        queues for the slot, so that a client's history never holds the slot (its cost is bounded by
+        the history limits in chatapp.settings and by the context, not by the history's length)."""
+        system = decoding.system_prompt if system is None else system
+        reserve = min(decoding.max_new_tokens, self.context // 2)
+        return build_prompt(self.tokenizer, history, system or None, self.context - reserve)
+
     def start_turn(
-        self, history: list[dict], decoding: DecodingSettings, system: str | None = None, *, fresh: bool = False
+        self, history: list[dict], decoding: DecodingSettings, system: str | None = None, *, fresh: bool = False,
+        prompt: PromptResult | None = None,
     ) -> Turn:
-        """Build the prompt (dropping old turns if needed) and start a reply. fresh=True prefills the whole
-        prompt instead of reusing the latest reply's keys/values (the comparison's runs must pay alike).
+        """Start a reply to `history`, from `prompt` when the caller built it already (see `prompt`).
+        fresh=True prefills the whole prompt instead of reusing the latest reply's keys/values (the
+        comparison's runs must pay alike).
 
         Raises ValueError subclasses with one-line messages for bad input.
         """
-        system = decoding.system_prompt if system is None else system
-        reserve = min(decoding.max_new_tokens, self.context // 2)
-        prompt = build_prompt(self.tokenizer, history, system or None, self.context - reserve)
+        if prompt is None:
+            prompt = self.prompt(history, decoding, system)
         choice = self.choose_k(decoding)
         generation = Generation(
             self.pair.target,

@@ -39,6 +39,12 @@ K_MIN, K_MAX = 1, 16  # draft tokens per speculative round
 TEMPERATURE_MAX = 10.0
 MAX_NEW_TOKENS_MAX = 8192
 SEED_MAX = 2**64 - 1  # torch generators take an unsigned 64-bit seed
+# The largest chat history a prompt is built from, checked before any tokenizing: a client can send
+# any history, and its size must not decide how long everyone else waits. 10,000 messages is some
+# 5,000 exchanges, and 2,000,000 characters some 500,000 tokens: far past any context window, whose
+# oldest turns would be dropped anyway.
+HISTORY_MESSAGES_MAX = 10_000
+HISTORY_CHARS_MAX = 2_000_000
 
 
 class SettingsError(ValueError):

@@ -8,6 +8,7 @@ uses the embedded SmolLM2 tokenizer when it is already cached.
 from __future__ import annotations
 
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from chatapp import models as specmodels
+from chatapp.settings import HISTORY_CHARS_MAX, HISTORY_MESSAGES_MAX
 from chatapp.chat import (
     EmptyPromptError,
     PromptResult,
@@ -208,6 +210,63 @@ class _Returns:
 )
 def test_build_prompt_accepts_every_chat_template_return_shape(value):
     assert build_prompt(_Returns(value), [user("x")], None, 10).ids == [5, 6, 7]
+
+
+class _CountingTemplate:
+    """A tokenizer whose chat template counts the messages it renders, and fails past a budget
+    (so a quadratic prompt builder fails fast instead of running for minutes)."""
+
+    def __init__(self, tokenizer, budget: int):
+        self.tokenizer, self.budget, self.rendered = tokenizer, budget, 0
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.rendered += len(messages)
+        if self.rendered > self.budget:
+            raise AssertionError(f"rendered {self.rendered} messages, over the budget of {self.budget}")
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+
+def _long_history(turns: int) -> list[dict]:
+    history = []
+    for i in range(turns):
+        history += [user(f"question {i}"), assistant(f"answer {i}")]
+    return history + [user("the latest question")]
+
+
+@pytest.mark.parametrize("room", [300, 10**9])  # a few turns fit / every turn fits
+def test_build_prompt_of_3000_turns_renders_each_message_a_bounded_number_of_times(tok, room):
+    history = _long_history(3000)
+    counting = _CountingTemplate(tok, budget=3 * len(history) + 100)  # the old loop rendered ~n^2/2 messages
+    started = time.perf_counter()
+    result = build_prompt(counting, history, "S", room)
+    assert time.perf_counter() - started < 30  # generous for a shared CPU; the old loop took minutes
+    kept = history[2 * result.dropped_turns :]
+    assert result.ids == template_ids(tok, [{"role": "system", "content": "S"}, *kept])
+    assert len(result.ids) <= room
+    if result.dropped_turns:  # the most turns that fit: one more would not
+        assert 0 < result.dropped_turns < 3000
+        assert _messages_len(tok, "S", history[2 * result.dropped_turns - 2 :]) > room
+    else:
+        assert room == 10**9
+
+
+def test_build_prompt_refuses_a_huge_history_before_tokenizing(tok):
+    counting = _CountingTemplate(tok, budget=0)
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as caught:
+        build_prompt(counting, _long_history(20_000), "S", 1000)
+    assert time.perf_counter() - started < 5 and counting.rendered == 0
+    message = str(caught.value)
+    assert "\n" not in message and "40001 messages" in message and str(HISTORY_MESSAGES_MAX) in message
+
+
+def test_build_prompt_refuses_too_many_characters_before_tokenizing(tok):
+    counting = _CountingTemplate(tok, budget=0)
+    history = [user("x" * (HISTORY_CHARS_MAX // 2)), assistant("y" * (HISTORY_CHARS_MAX // 2)), user("z")]
+    with pytest.raises(ValueError, match=f"{HISTORY_CHARS_MAX + 1} characters") as caught:
+        build_prompt(counting, history, None, 1000)
+    assert counting.rendered == 0 and "\n" not in str(caught.value)
 
 
 # --- decode and StreamDecoder ------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 
 import pytest
 
@@ -80,3 +81,21 @@ def test_the_next_reply_prefills_only_what_is_new(service):
     list(fresh)
     assert fresh.stats.prefix_reused == 0
     assert [t.id for t in fresh.tokens] == [t.id for t in second.tokens]
+
+
+def test_the_prompt_is_built_before_and_without_the_generation_lock(service):
+    """A caller with one generation slot builds the prompt first, outside it: a hostile history is
+    refused at once, and a prompt is built even while another reply holds the lock."""
+    huge = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}] * 10_000 + HISTORY
+    built: list = []
+    with service.lock:  # another reply is running
+        worker = threading.Thread(target=lambda: built.append(service.prompt(HISTORY, decoding())))
+        worker.start()
+        worker.join(timeout=30)
+        with pytest.raises(ValueError, match="the chat history is too long: 20001 messages"):
+            service.prompt(huge, decoding())
+    assert built and built[0].ids
+    turn = service.start_turn(HISTORY, decoding(k=3), prompt=built[0], fresh=True)
+    reference = service.start_turn(HISTORY, decoding(k=3), fresh=True)
+    list(turn), list(reference)
+    assert turn.tokens and [t.id for t in turn.tokens] == [t.id for t in reference.tokens]
