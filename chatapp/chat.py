@@ -12,6 +12,7 @@ A `Message` is a plain dict {"role": "user" | "assistant", "content": str}.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypedDict
 
@@ -38,6 +39,7 @@ class Message(TypedDict):
 ROLES = ("user", "assistant")
 _DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
 _HOLD = "\ufffd"  # what a partial UTF-8 sequence decodes to
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: Python strings may hold one, UTF-8 cannot
 
 
 class EmptyPromptError(ValueError):
@@ -163,8 +165,18 @@ def _latest(history: Sequence[Message]) -> Message:
     return {"role": "user", "content": str(latest["content"])}
 
 
+def _unencodable(field: str, text: str) -> None:
+    """Refuse text the tokenizer cannot take (a lone UTF-16 surrogate: no UTF-8 for it), naming the field."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise ValueError(
+            f"{field} contains characters that cannot be encoded (lone surrogate U+{ord(found.group()):04X})"
+        )
+
+
 def check_history(history: Sequence[Message], system: str | None) -> None:
-    """Refuse, before any tokenizing, a history past the size limits: one-line ValueErrors."""
+    """Refuse, before any tokenizing, a history past the size limits or with text that cannot be
+    encoded: one-line ValueErrors naming the field. Costs one pass over the characters."""
     if len(history) > HISTORY_MESSAGES_MAX:
         raise ValueError(f"the chat history is too long: {len(history)} messages, at most {HISTORY_MESSAGES_MAX}")
     chars = len(system or "")
@@ -177,6 +189,10 @@ def check_history(history: Sequence[Message], system: str | None) -> None:
         raise ValueError(
             f"the chat history is too long: {chars} characters with the system prompt, at most {HISTORY_CHARS_MAX}"
         )
+    _unencodable("the system prompt", system or "")
+    for number, message in enumerate(history, 1):
+        _unencodable("the message" if number == len(history) else f"message {number} of the chat history",
+                     message["content"])
 
 
 def _most_turns_that_fit(encode: Callable[[int], list[int]], available: int, limit: int, ids: list[int]):
@@ -210,7 +226,18 @@ def _most_turns_that_fit(encode: Callable[[int], list[int]], available: int, lim
     return fits, ids
 
 
-def _too_long(system: str | None, needed: int, limit: int) -> PromptTooLongError:
+def _too_long(tokenizer, system: str | None, needed: int, limit: int) -> PromptTooLongError:
+    """Blame the system prompt when it does not fit by itself, else the message."""
+    if system:
+        try:
+            alone = len(_encode(tokenizer, _messages(system, [], {"role": "user", "content": ""})))
+        except Exception:  # a template that refuses an empty message: blame the message, as below
+            alone = 0
+        if alone > limit:
+            return PromptTooLongError(
+                f"the system prompt is too long: {alone} prompt tokens by itself, "
+                f"but the context leaves room for {limit}"
+            )
     return PromptTooLongError(
         f"the message is too long: {needed} prompt tokens{' with the system prompt' if system else ''}, "
         f"but the context leaves room for {limit}"
@@ -235,7 +262,7 @@ def build_prompt(tokenizer, history: Sequence[Message], system: str | None, max_
 
     ids = encode(0)
     if len(ids) > max_prompt_tokens:
-        raise _too_long(system, len(ids), max_prompt_tokens)
+        raise _too_long(tokenizer, system, len(ids), max_prompt_tokens)
     kept, ids = _most_turns_that_fit(encode, len(turns), max_prompt_tokens, ids)
     dropped = len(turns) - kept
     notice = f"{dropped} earlier turn(s) dropped to fit the context" if dropped else None

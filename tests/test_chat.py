@@ -269,6 +269,31 @@ def test_build_prompt_refuses_too_many_characters_before_tokenizing(tok):
     assert counting.rendered == 0 and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "history, system, field",
+    [
+        ([user("a \ud800 b")], None, "the message"),
+        ([user("hi"), assistant("x\udfffy"), user("ok")], None, "message 2 of the chat history"),
+        ([user("hi")], "be \ud800 brief", "the system prompt"),
+    ],
+)
+def test_build_prompt_names_the_field_with_a_lone_surrogate(tok, history, system, field):
+    with pytest.raises(ValueError) as caught:
+        build_prompt(tok, history, system, 1000)
+    message = str(caught.value)
+    assert message.startswith(f"{field} contains characters that cannot be encoded (lone surrogate U+D")
+    assert "TextEncodeInput" not in message and "\n" not in message
+
+
+def test_build_prompt_blames_a_too_long_system_prompt(tok):
+    system = "hello " * 200
+    limit = _messages_len(tok, system, [user("hi")]) - 10
+    with pytest.raises(PromptTooLongError) as caught:
+        build_prompt(tok, [user("hi")], system, limit)
+    message = str(caught.value)
+    assert message.startswith("the system prompt is too long") and str(limit) in message and "\n" not in message
+
+
 # --- decode and StreamDecoder ------------------------------------------------------------
 
 
