@@ -101,6 +101,8 @@ class FakeTurn:
                 step = STANDARD_STEP_S if s.mode == "standard" else VERIFY_STEP_S
                 s.target_forwards, s.target_s = s.target_forwards + 1, s.target_s + step
                 s.wall_s = s.prefill_s + s.draft_s + s.target_s  # simulated time: deterministic rates
+                if s.mode == "speculative" and not s.reference_steps:  # as the engine: a standard step timed
+                    s.reference_step_s, s.reference_steps, s.reference_s = STANDARD_STEP_S, 1, STANDARD_STEP_S
                 self.tokens += emitted
                 s.new_tokens = len(self.tokens)
                 for t in emitted:

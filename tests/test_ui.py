@@ -92,7 +92,10 @@ def test_streams_a_reply_with_stats_that_match_the_engine(client, fake):
     assert f"acceptance **{s.acceptance_rate:.1%}**" in line
     assert f"{s.mean_accepted_per_round:.2f} accepted/round" in line
     assert f"{s.tokens_per_s:.1f} tok/s" in line
-    assert f"{s.speedup:.2f}×" in line and f"({s.baseline_tokens_per_s:.1f} tok/s)" in line
+    # The speedup is priced by standard steps timed inside the reply (the fake times one, as the engine does).
+    assert s.speedup == pytest.approx((s.prefill_s + s.new_tokens * s.reference_step_s) / s.wall_s)
+    standard_rate = s.new_tokens / s.standard_estimate_s
+    assert f"**{s.speedup:.2f}×** vs standard decoding ({standard_rate:.1f} tok/s, timed within this reply)" in line
     assert s.baseline_source in line and s.int8_path in line
     assert "draft's prompt keys/values copied from the target" in line
     # The same stats sit under the reply in the chat, as a collapsed aside.
@@ -137,6 +140,9 @@ def test_standard_mode_gives_standard_stats(client, fake):
     assert s.mode == "standard" and fake.last.tokens
     assert "**standard**" in out["stats"] and "acceptance n/a" in out["stats"] and "draft: not used" in out["stats"]
     assert f"{s.tokens_per_s:.1f} tok/s" in out["stats"]
+    # A standard reply is 1× by definition: the line gives its drift against earlier standard runs instead.
+    assert f"{s.baseline_ratio:.2f}× the earlier standard runs ({s.baseline_tokens_per_s:.1f} tok/s)" in out["stats"]
+    assert "vs standard decoding" not in out["stats"]
     assert {t["class_or_confidence"] for t in out["tokens"]} == {"standard"}
     record = out["state"]["messages"][-1]["stats"]
     assert record["mode"] == "standard" and record["k_choice"] is None and record == fake.last.record()
@@ -206,16 +212,24 @@ def test_restore_rebuilds_the_chat_from_browser_state(client):
 
 
 def test_restore_reads_records_saved_by_the_previous_version(client):
-    """Before Turn.record(), k_choice was a string ("fixed", "auto (...)", "" for standard) and k None
-    for standard replies; a browser may still hold such a chat."""
-    first, _ = chat(client, "old format")
-    spec = {**first["state"]["messages"][1]["stats"], "k": 6, "k_choice": "auto (a=0.91, c=0.30)"}
-    std = {**spec, "mode": "standard", "k": None, "k_choice": "", "acceptance_rate": None}
+    """The previous version stored its own record: k_choice a string ("fixed", "auto (...)", "" for a
+    standard reply), k None for standard replies, a speedup over the load-time baseline and no
+    standard_estimate_s or baseline_ratio. A browser may still hold such a chat."""
+    common = dict(new_tokens=40, rounds=12, drafted=48, source_counts={"draft": 30}, baseline_tokens_per_s=30.0,
+                  baseline_source="median of 1 standard-decoding run(s)", draft_prefill="", stop_reason="eos",
+                  wall_s=0.9, prefill_s=0.01, notice=None)
+    spec = dict(common, mode="speculative", k=6, k_choice="auto (a=0.91, c=0.30)", accepted=30, acceptance_rate=0.91,
+                mean_accepted_per_round=2.5, tokens_per_s=45.0, speedup=1.5, int8_path="int8 (old)")
+    std = dict(common, mode="standard", k=None, k_choice="", accepted=0, acceptance_rate=None,
+               mean_accepted_per_round=None, tokens_per_s=29.4, speedup=0.98, int8_path="")
     old = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "stats": spec},
                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "stats": std}]}
     restored = dict(zip(ui.CHAT_OUTPUTS, client.predict(chat_state=old, api_name="/restore")))
-    assert "K = 6 (auto (a=0.91, c=0.30))" in texts(restored["chatbot"])[2]  # the old words, shown as they are
-    assert "**standard** (target only)" in restored["stats"] and "⚠" not in restored["notice"]
+    assert texts(restored["chatbot"])[:2] == ["a", "b"] and "⚠" not in restored["notice"]
+    spec_line = texts(restored["chatbot"])[2]
+    assert "K = 6 (auto (a=0.91, c=0.30))" in spec_line  # the old words, shown as they are
+    assert "**1.50×** vs standard decoding (30.0 tok/s)" in spec_line
+    assert "**standard** (target only)" in restored["stats"] and "**0.98×** vs standard decoding" in restored["stats"]
     assert [row[1:4] for row in restored["turns_table"]["data"]] == [
         ["speculative", "6", "auto (a=0.91, c=0.30)"], ["standard", "—", "—"]
     ]

@@ -74,11 +74,27 @@ def k_text(record: dict) -> str:
     return f"K = {record.get('k')} ({how or 'fixed'})"
 
 
+def _drift_text(record: dict) -> str:
+    """A standard reply's rate against earlier standard runs: how much the machine's speed drifts."""
+    ratio, baseline = record.get("baseline_ratio"), record.get("baseline_tokens_per_s")
+    if ratio is None or not baseline:
+        return "no earlier standard run to compare with"
+    return f"{ratio:.2f}× the earlier standard runs ({baseline:.1f} tok/s)"
+
+
 def _speedup_text(record: dict, bold) -> str:
-    if record.get("speedup") is None:
-        return "speedup n/a (no standard-decoding baseline measured yet)"
-    speedup = bold(f"{record['speedup']:.2f}×")
-    return f"{speedup} vs standard decoding ({record['baseline_tokens_per_s']:.1f} tok/s)"
+    """The reply against standard decoding. A speculative reply times a few standard steps of its own
+    (stats.TurnStats.speedup); a record saved by the previous version was priced by the baseline."""
+    if record["mode"] != "speculative" and "baseline_ratio" in record:
+        return _drift_text(record)  # its speedup is 1 by definition
+    speedup, estimate = record.get("speedup"), record.get("standard_estimate_s")
+    if speedup is None:
+        return "speedup n/a (standard decoding not timed in this reply)"
+    if estimate:
+        reference = f"{(record.get('new_tokens') or 0) / estimate:.1f} tok/s, timed within this reply"
+    else:
+        reference = f"{record.get('baseline_tokens_per_s') or 0:.1f} tok/s"
+    return f"{bold(f'{speedup:.2f}×')} vs standard decoding ({reference})"
 
 
 def _head(record: dict, bold, markdown: bool) -> list[str]:
@@ -128,7 +144,8 @@ def stats_line(record: dict, markdown: bool = True) -> str:
 def stats_title(record: dict) -> str:
     """The short title of a reply's collapsed stats aside in the chat."""
     tps = record.get("tokens_per_s") or 0.0
-    speed = "" if record.get("speedup") is None else f" · {record['speedup']:.2f}× vs standard"
+    speedup = record.get("speedup") if record["mode"] == "speculative" else None  # a standard reply is 1×
+    speed = "" if speedup is None else f" · {speedup:.2f}× vs standard"
     choice = _k_choice(record)
     if record["mode"] == "speculative":
         how = "" if choice is None else " auto" if choice.auto else " fixed"

@@ -122,16 +122,13 @@ def theory_figure(records: list[dict], cost_ratio: float, default_k: int):
 
 
 def _cost_text(tracker: Any) -> str:
-    c = tracker.cost_ratio
-    if not tracker.draft_forwards:
-        return f"**c = {c:.3f}** (prior: no speculative reply measured yet)"
-    # The tracker divides by a standard-decoding step when it has timed one, else by a verify step.
-    draft_ms = 1000 * tracker.draft_s / tracker.draft_forwards
-    if tracker.target_step_s:
-        reference = f"target step {1000 * tracker.target_step_s:.2f} ms"
-    else:
-        reference = f"verify step {1000 * tracker.verify_s / tracker.verify_forwards:.2f} ms"
-    return f"**c = {c:.3f}** (draft step {draft_ms:.2f} ms ÷ {reference}, measured on this machine)"
+    c, draft, step = tracker.cost_ratio, tracker.draft_step_s, tracker.target_step_s
+    if draft is None or not step:
+        return f"**c = {c:.3f}** (prior: draft and target steps not measured yet)"
+    return (
+        f"**c = {c:.3f}** (draft step {1000 * draft:.2f} ms ÷ target step {1000 * step:.2f} ms, "
+        "medians of recent measurements on this machine)"
+    )
 
 
 def _auto_k_text(tracker: Any) -> str:
