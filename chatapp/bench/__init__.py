@@ -40,11 +40,13 @@ The package, in the order a run goes through it:
     report.py     report.md and the headline table
     plots.py      the PNG plots
     command.py    run_bench: all of it, for the CLI
+    gpu_check.py  `bench --gpu-check [--tiny]`: the CUDA path on random-weight Qwen2.5-7B/0.5B shapes
 """
 
 from .baselines import Models, fake_quantize_int8
 from .command import finish, run_bench, write_outputs
 from .goals import GOALS, Check, Goal, evaluate_goals
+from .gpu_check import run_gpu_check
 from .loop import bench, calibrated_tracker, service_tracker
 from .micro import measure_agreement, measure_step_costs
 from .options import DEFAULT_OUT, DEFAULT_PROMPTS, HF_MODES, MODES, QUICK, Options, parse_list, resolve_options
@@ -86,6 +88,7 @@ __all__ = [
     "rotated",
     "run_bench",
     "run_config",
+    "run_gpu_check",
     "select_prompts",
     "service_tracker",
     "speedups",

@@ -20,6 +20,7 @@ from ..errors import progress_to_stderr
 from ..models import Progress
 from .baselines import load_models
 from .goals import evaluate_goals
+from .gpu_check import run_gpu_check
 from .loop import bench, deadline_for, service_tracker
 from .options import jsonable, resolve_options
 from .plots import plot
@@ -51,7 +52,9 @@ def write_outputs(result: dict, out: Path, progress: Progress) -> dict[str, Path
 
 
 def run_bench(settings, args) -> int:
-    """`python main.py bench`: load, run, write; the headline table to stdout."""
+    """`python main.py bench`: load, run, write; the headline table to stdout (`--gpu-check`: gpu_check.py)."""
+    if getattr(args, "gpu_check", False) or getattr(args, "tiny", False):
+        return run_gpu_check(args)
     started = time.perf_counter()
     progress = progress_to_stderr("bench")
     options = resolve_options(settings, args)
