@@ -134,6 +134,7 @@ class FakeService:
         self.tracker = AcceptanceTracker()
         self.turns: list[FakeTurn] = []
         self.histories: list[list[dict]] = []  # what each start_turn was given
+        self.fresh: list[bool] = []  # and its fresh= flag
         self.context = 2048
         info = dict(name="FakeLM-135M", source="embedded:fake", device="cpu", parameters=134_515_008,
                     implementation="fake (scripted)")
@@ -149,8 +150,9 @@ class FakeService:
     def last(self) -> FakeTurn:
         return self.turns[-1]
 
-    def start_turn(self, history: list[dict], decoding, system: str | None = None) -> FakeTurn:
+    def start_turn(self, history: list[dict], decoding, system: str | None = None, *, fresh: bool = False) -> FakeTurn:
         self.histories.append([dict(m) for m in history])
+        self.fresh.append(fresh)  # the real service would not reuse the latest reply's keys/values
         if not history or history[-1]["role"] != "user":
             raise ValueError("the chat history must end with a user message")
         message = history[-1]["content"]

@@ -130,6 +130,7 @@ def test_history_goes_to_the_service_and_the_system_prompt_is_applied(client, fa
     first, _ = chat(client, "one")
     out, _ = chat(client, "two", first["state"], system_prompt="Be brief.")
     assert [m["content"] for m in fake.histories[-1]] == ["one", fake.turns[-2].text, "two"]
+    assert fake.fresh[-1] is False  # a chat reply may reuse the previous reply's keys/values
     assert all(set(m) == {"role", "content"} for m in fake.histories[-1])
     assert [m["role"] for m in out["state"]["messages"]] == ["user", "assistant"] * 2
 
@@ -348,6 +349,7 @@ def test_compare_runs_both_fairly_and_alternates_the_order(client, fake):
     a, b = fake.turns[-2:]
     assert {a.stats.mode, b.stats.mode} == {"standard", "speculative"}
     assert fake.histories[-1] == fake.histories[-2] == [{"role": "user", "content": "Compare me"}]
+    assert fake.fresh[-2:] == [True, True]  # both runs pay the whole prefill: no cache kept from the chat
     assert std == spec == a.text == b.text and std
     assert "Identical" in verdict and "standard first" in verdict
     rows = {r[0]: r for r in table["data"]}

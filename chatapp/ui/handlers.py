@@ -268,8 +268,9 @@ class Handlers:
         comparison early, if any (a Stop ends it too)."""
         conversation = [{"role": "user", "content": prompt}]
         for mode in order:
-            try:  # a fresh Generation for each run: fresh caches, same seed
-                turn = turns[mode] = service.start_turn(conversation, dataclasses.replace(decoding, mode=mode))
+            try:  # fresh: no keys/values kept from the chat or the other run, so both pay the whole prefill
+                turn = turns[mode] = service.start_turn(conversation, dataclasses.replace(decoding, mode=mode),
+                                                        fresh=True)
             except Exception as error:
                 return error
             try:
