@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .lm import DecoderLM
-from .sampling import SamplingParams, logits_to_probs, new_generator, sample_index
+from .sampling import SamplingParams, all_finite, logits_to_probs, new_generator, non_finite_error, sample_index
 from .settings import K_MAX, K_MIN
 from .stats import Baseline, TurnStats
 
@@ -313,9 +313,9 @@ class Generation:
         """Standard decoding: one target forward on the last token."""
         t0 = self._timer.mark()
         logits = self.target.forward(self._pending(self._target_len), self._target_len, self._target_cache)
-        token, _ = self._choose(logits[-1, : self._vocab])
+        token, probs = self._choose(logits[-1, : self._vocab])
         t1 = self._timer.mark()
-        token = int(token)  # the step's one host sync
+        token = self._read(token, probs)  # the step's one host sync
         self.stats.target_forwards += 1
         self.stats.target_s += self._timer.seconds(t0, t1)
         return [Token(token, "standard")]
@@ -330,7 +330,7 @@ class Generation:
             int(torch.argmax(logits[-1, : self._vocab]))
         else:
             probs = logits_to_probs(logits[-1:, : self._vocab], self.sampling)[0]
-            int(sample_index(probs, self._reference_generator))
+            self._read(sample_index(probs, self._reference_generator), probs)
         elapsed = time.perf_counter() - start  # int() above waited for the device
         self._reference_times.append(elapsed)
         self.stats.reference_s += elapsed
@@ -363,17 +363,20 @@ class Generation:
         t1 = self._timer.mark()
         fed = torch.cat([self._pending(self._target_len), proposed])
         target_logits = self.target.forward(fed, self._target_len, self._target_cache)[-(k + 1) :, :vocab]
+        checks: list[torch.Tensor] = []  # sampled rounds: are p and q finite? (read with the tokens)
         if self.sampling.greedy:
             choices = torch.argmax(target_logits, dim=-1)
             accepted = torch.cumprod((proposed == choices[:k]).to(torch.long), dim=0).sum()
             final = choices[accepted]
         else:
-            p = logits_to_probs(target_logits, self.sampling)
-            accepted, final = speculative_accept(p, torch.stack(draft_probs), proposed, self._generator)
+            p, q = logits_to_probs(target_logits, self.sampling), torch.stack(draft_probs)
+            accepted, final = speculative_accept(p, q, proposed, self._generator)
+            checks = [all_finite(p).view(1), all_finite(q).view(1)]
         t2 = self._timer.mark()
-        *tokens, final, accepted = torch.cat(  # the round's one host sync
-            [proposed, torch.as_tensor(final, device=device).view(1), torch.as_tensor(accepted, device=device).view(1)]
-        ).tolist()
+        *tokens, final, accepted = self._read_round(  # the round's one host sync
+            [proposed, torch.as_tensor(final, device=device).view(1), torch.as_tensor(accepted, device=device).view(1)],
+            checks,
+        )
         self.stats.draft_s += self._timer.seconds(t0, t1)
         self.stats.target_s += self._timer.seconds(t1, t2)
         self.stats.draft_forwards += k
@@ -385,6 +388,28 @@ class Generation:
 
         out = [Token(t, "draft") for t in tokens[:accepted]]
         out.append(Token(final, "bonus" if accepted == k else "target"))
+        return out
+
+    def _read(self, token: torch.Tensor, probs: torch.Tensor | None) -> int:
+        """A token as an int (a host sync); in the same read, refuse it when the distribution it was
+        drawn from was not finite (NaN probabilities draw garbage)."""
+        if probs is None:
+            return int(token)
+        token, finite = torch.stack([token, all_finite(probs).to(token.dtype)]).tolist()
+        if not finite:
+            raise non_finite_error("target's")
+        return token
+
+    def _read_round(self, values: list[torch.Tensor], checks: list[torch.Tensor]) -> list[int]:
+        """The round's values as ints in one host sync, read together with its finiteness checks
+        (the target's, then the draft's); raises NonFiniteProbabilitiesError on a failed one."""
+        out = torch.cat([*values, *(check.to(values[0].dtype) for check in checks)]).tolist()
+        if checks:
+            *out, target_finite, draft_finite = out
+            if not target_finite:
+                raise non_finite_error("target's")
+            if not draft_finite:
+                raise non_finite_error("draft's")
         return out
 
     def _emit(self, proposed: list[Token], room: int) -> list[Token]:

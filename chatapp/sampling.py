@@ -8,20 +8,28 @@ exactly what standard sampling with those params would draw from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from .settings import TEMPERATURE_FLOOR
+
+
+class NonFiniteProbabilitiesError(ValueError):
+    """Probabilities came out NaN or infinite: nothing may be sampled from them."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy (argmax)
+    temperature: float = 0.0  # 0 means greedy (argmax); else at least TEMPERATURE_FLOOR
     top_k: int = 0  # 0 means off
     top_p: float = 1.0  # 1.0 means off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        t = self.temperature
+        if not (t == 0 or (math.isfinite(t) and t >= TEMPERATURE_FLOOR)):
+            raise ValueError(f"temperature must be 0 (greedy) or at least {TEMPERATURE_FLOOR}, got {t}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -61,6 +69,19 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
+def all_finite(probs: torch.Tensor) -> torch.Tensor:
+    """Whether every probability is finite, as a 0-d bool tensor on the device: no host sync, so the
+    engine reads it with the rest of its round (a NaN would otherwise sample a garbage token)."""
+    return torch.isfinite(probs).all()
+
+
+def non_finite_error(who: str) -> NonFiniteProbabilitiesError:
+    return NonFiniteProbabilitiesError(
+        f"the {who} probabilities are not finite (NaN or infinity): the logits overflowed; "
+        "nothing was sampled from them"
+    )
+
+
 def sample_index(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token id from a [V] distribution as a 0-d tensor on its device, by
     inverting its CDF with one uniform draw (torch.multinomial took ~1 ms on a
@@ -75,8 +96,11 @@ def sample_index(probs: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """sample_index as a Python int."""
-    return int(sample_index(probs, generator))
+    """sample_index as a Python int; NonFiniteProbabilitiesError for NaN or infinite probabilities."""
+    index, finite = torch.stack([sample_index(probs, generator), all_finite(probs).long()]).tolist()
+    if not finite:
+        raise non_finite_error("sampling")
+    return index
 
 
 def new_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -37,6 +37,11 @@ COMMAND_LINE = "command line"
 # The limits every layer reads (settings, UI sliders, service, engine, bench).
 K_MIN, K_MAX = 1, 16  # draft tokens per speculative round
 TEMPERATURE_MAX = 10.0
+# The smallest temperature that samples; 0 means greedy, and in between is refused. Below about
+# 1e-37 the logits divided by the temperature overflow float32 to infinity and the probabilities
+# to NaN; long before that sampling is greedy in all but name (at 0.01 a logit gap of 0.1 is a
+# factor of e^10), so the floor sits far from the overflow and costs nothing anyone would miss.
+TEMPERATURE_FLOOR = 0.01
 MAX_NEW_TOKENS_MAX = 8192
 SEED_MAX = 2**64 - 1  # torch generators take an unsigned 64-bit seed
 # The largest chat history a prompt is built from, checked before any tokenizing: a client can send
@@ -125,7 +130,10 @@ _RULES: dict[str, _Rule] = {
     "model.max_context": _at_least(64),
     "decoding.mode": _one_of("speculative", "standard"),
     "decoding.k": _between(K_MIN, K_MAX),
-    "decoding.temperature": _between(0, TEMPERATURE_MAX),
+    "decoding.temperature": (
+        lambda v: v == 0 or TEMPERATURE_FLOOR <= v <= TEMPERATURE_MAX,
+        f"is out of range: it must be 0 (greedy) or at least {TEMPERATURE_FLOOR}, and at most {TEMPERATURE_MAX}",
+    ),
     "decoding.top_p": ((lambda v: 0 < v <= 1), "is out of range (0, 1]"),
     "decoding.top_k": _at_least(0),
     "decoding.max_new_tokens": _between(1, MAX_NEW_TOKENS_MAX),

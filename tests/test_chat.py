@@ -16,7 +16,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from chatapp import models as specmodels
-from chatapp.settings import HISTORY_CHARS_MAX, HISTORY_MESSAGES_MAX
 from chatapp.chat import (
     EmptyPromptError,
     PromptResult,
@@ -26,6 +25,7 @@ from chatapp.chat import (
     decode,
     normalize_history,
 )
+from chatapp.settings import HISTORY_CHARS_MAX, HISTORY_MESSAGES_MAX
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"

@@ -6,12 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatapp.sampling import SamplingParams, logits_to_probs, sample, sample_index
+from chatapp.sampling import (
+    NonFiniteProbabilitiesError,
+    SamplingParams,
+    all_finite,
+    logits_to_probs,
+    sample,
+    sample_index,
+)
 from tests.chisquare import ALPHA, chi_square
 
-
 BAD_SAMPLING = {
-    "negative temperature": (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    "negative temperature": (dict(temperature=-0.5), r"temperature must be 0 \(greedy\) or at least 0.01, got -0.5"),
+    "below the floor": (dict(temperature=1e-40), r"temperature must be 0 \(greedy\) or at least 0.01, got 1e-40"),
+    "just below the floor": (dict(temperature=0.0099), r"must be 0 \(greedy\) or at least 0.01, got 0.0099"),
+    "NaN temperature": (dict(temperature=float("nan")), r"must be 0 \(greedy\) or at least 0.01, got nan"),
+    "infinite temperature": (dict(temperature=float("inf")), r"must be 0 \(greedy\) or at least 0.01, got inf"),
     "top_p=0": (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
     "top_p>1": (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
     "negative top_k": (dict(top_k=-1), "top_k must be >= 0, got -1"),
@@ -74,3 +84,23 @@ def test_sample_index_stays_a_tensor_on_the_device():
     index = sample_index(probs, torch.Generator().manual_seed(0))
     assert isinstance(index, torch.Tensor) and index.dim() == 0 and index.device == probs.device
     assert int(index) in (0, 2)
+
+
+def test_the_floor_and_greedy_are_accepted():
+    assert SamplingParams(temperature=0.01).temperature == 0.01 and SamplingParams(temperature=0.0).greedy
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_sampling_from_non_finite_probabilities_is_refused(bad):
+    logits = torch.tensor([[1.0, bad, 0.5, -2.0]])
+    probs = logits_to_probs(logits, SamplingParams(temperature=1.0))[0]
+    assert not bool(all_finite(probs))  # what the engine checks at each round's sync
+    with pytest.raises(NonFiniteProbabilitiesError, match="not finite") as caught:
+        sample(probs, torch.Generator().manual_seed(0))
+    assert isinstance(caught.value, ValueError) and "\n" not in str(caught.value)
+
+
+def test_finite_probabilities_pass_the_check_without_a_sync():
+    probs = logits_to_probs(torch.tensor([[1.0, -float("inf"), 0.5]]), SamplingParams(temperature=0.5))[0]
+    flag = all_finite(probs)
+    assert isinstance(flag, torch.Tensor) and flag.dim() == 0 and bool(flag)

@@ -7,6 +7,7 @@ import pytest
 
 from chatapp.settings import (
     DEFAULT_SETTINGS_PATH,
+    TEMPERATURE_FLOOR,
     DecodingSettings,
     ModelSettings,
     ServerSettings,
@@ -16,6 +17,7 @@ from chatapp.settings import (
     with_overrides,
 )
 
+FLOOR_MESSAGE = "must be 0 (greedy) or at least 0.01"
 SECTIONS = {"model": ModelSettings, "decoding": DecodingSettings, "server": ServerSettings}
 
 PRESETS_TOML = """
@@ -130,6 +132,10 @@ def test_empty_file_gives_defaults(write_toml):
         ("[decoding]\nk = 17\n", ["decoding.k = 17", "out of range 1..16"]),
         ("[decoding]\ntemperature = -0.1\n", ["decoding.temperature = -0.1", "out of range"]),
         ("[decoding]\ntemperature = 'hot'\n", ["decoding.temperature", "must be a number"]),
+        ("[decoding]\ntemperature = 1e-40\n", ["decoding.temperature = 1e-40", FLOOR_MESSAGE]),
+        ("[decoding]\ntemperature = 0.009\n", ["decoding.temperature = 0.009", FLOOR_MESSAGE]),
+        ("[decoding]\ntemperature = 10.5\n", ["decoding.temperature = 10.5", "out of range", "at most 10.0"]),
+        ("[decoding]\ntemperature = nan\n", ["decoding.temperature = nan", FLOOR_MESSAGE]),
         ("[decoding]\ntop_p = 0\n", ["decoding.top_p = 0", "out of range (0, 1]"]),
         ("[decoding]\ntop_p = 1.5\n", ["decoding.top_p = 1.5", "out of range (0, 1]"]),
         ("[decoding]\ntop_k = -1\n", ["decoding.top_k = -1", "out of range"]),
@@ -235,6 +241,7 @@ def test_os_environ_is_the_default(settings_file, monkeypatch):
         ("SPECCHAT_DECODING_K", "0", ["decoding.k = 0", "out of range 1..16"]),
         ("SPECCHAT_DECODING_TEMPERATURE", "warm", ["decoding.temperature", "not a number"]),
         ("SPECCHAT_DECODING_TEMPERATURE", "-1", ["decoding.temperature", "out of range"]),
+        ("SPECCHAT_DECODING_TEMPERATURE", "1e-40", ["decoding.temperature = 1e-40", FLOOR_MESSAGE]),
         ("SPECCHAT_SERVER_OPEN_BROWSER", "maybe", ["server.open_browser", "true/false"]),
         ("SPECCHAT_SERVER_PORT", "", ["server.port", "not an integer"]),
         ("SPECCHAT_MODEL_DEVICE", "tpu", ["model.device", "auto|cpu|cuda"]),
@@ -344,3 +351,10 @@ def test_apply_unknown_preset_lists_available(settings_file):
     message = str(info.value)
     assert "\n" not in message
     assert "'huge'" in message and "big, solo" in message and settings_file.name in message
+
+
+@pytest.mark.parametrize("temperature", [0, 0.01, 0.5, 10])
+def test_greedy_and_temperatures_from_the_floor_up_are_accepted(temperature):
+    settings = load_settings(env={}, overrides={"decoding.temperature": temperature})
+    assert settings.decoding.temperature == temperature == max(temperature, 0)
+    assert TEMPERATURE_FLOOR == 0.01
