@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import zerogpu
 from .lm import ModelInfo, as_id_tensor, weights_origin
 from .settings import K_MAX
 
@@ -462,8 +463,8 @@ def _unique_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _resolve_compile(mode: str | None, device: torch.device) -> str | None:
-    if mode == "auto":
-        return "reduce-overhead" if device.type == "cuda" else None
+    if mode == "auto":  # ZeroGPU has no torch.compile: eager there (still exact: the rows stay padded)
+        return "reduce-overhead" if device.type == "cuda" and zerogpu.compile_allowed() else None
     return mode
 
 
