@@ -31,7 +31,7 @@ import torch
 
 from .lm import DecoderLM
 from .sampling import SamplingParams, all_finite, logits_to_probs, new_generator, non_finite_error, sample_index
-from .settings import K_MAX, K_MIN
+from .settings import K_MAX, K_MIN, SEED_MAX
 from .stats import Baseline, TurnStats
 
 MODES = ("speculative", "standard")
@@ -135,6 +135,9 @@ class Generation:
             raise ValueError(f"k must be in {K_MIN}..{K_MAX}, got {k}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        # torch takes an unsigned 64-bit seed; a bigger one failed mid-reply ("Overflow when unpacking long long").
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise ValueError(f"seed must be an integer in 0..{SEED_MAX}, got {seed!r}")
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -214,7 +217,7 @@ class Generation:
         device = self.target.device
         self._generator = new_generator(self.seed, device)
         self._timer = RoundTimer(device)
-        self._reference_generator = new_generator(self.seed + 1, device)
+        self._reference_generator = new_generator((self.seed + 1) & SEED_MAX, device)  # wraps, as torch's seeds do
         self._ids = list(self.prompt_ids)
         capacity = min(self.max_positions, len(self._ids) + self.max_new_tokens + self.k + 1)
         if self._keep_cache:

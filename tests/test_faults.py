@@ -14,6 +14,7 @@ from chatapp import cli
 from chatapp.engine import Generation
 from chatapp.lm import HFDecoderLM
 from chatapp.sampling import NonFiniteProbabilitiesError, SamplingParams
+from chatapp.settings import SEED_MAX
 from tests.conftest import CHAT, hf_pair
 
 GREEDY = SamplingParams()
@@ -78,3 +79,27 @@ def test_the_command_line_refuses_a_temperature_below_the_floor(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert "decoding.temperature = 1e-40" in err and "must be 0 (greedy) or at least 0.01" in err
+
+
+# --- defect 5: seeds past 2^64-1 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [-1, SEED_MAX + 1, 2**70, 1.5, "7", True])
+def test_the_engine_refuses_a_seed_out_of_range(hf_models, seed):
+    target, draft = hf_models
+    with pytest.raises(ValueError, match=r"seed must be an integer in 0\.\.18446744073709551615, got ") as caught:
+        Generation(target, draft, PROMPT, sampling=T1, seed=seed)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["standard", "speculative"])
+def test_the_largest_seed_samples_a_whole_reply(hf_models, mode):
+    target, draft = hf_models
+    generation = Generation(target, draft, PROMPT, mode=mode, sampling=T1, seed=SEED_MAX, max_new_tokens=6)
+    assert len(generation.run()) == 6 and generation.stats.reference_steps == (3 if mode == "speculative" else 0)
+
+
+def test_the_command_line_refuses_a_seed_past_2_64(capsys):
+    assert cli.main(["generate", "--prompt", "hi", "--seed", str(2**64)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and f"decoding.seed = {2**64}" in err
