@@ -26,7 +26,7 @@ The package, one job per module (each states its own contract):
     cache       the conversion cache: file lock, atomic build, completion marker
     gguf        GGUF conversion and the embedded model (ensure_embedded_model)
     specs       a spec as a transformers folder (resolve_model), display_name
-    tokenizers  load_tokenizer, check_compatible, stop_token_ids
+    tokenizers  load_tokenizer, check_compatible, check_vocab_sizes, stop_token_ids
     loading     devices, dtypes, the draft's quantization, load_pair, ModelPair
 
 Import the public names from here (`Progress` is the type of the progress
@@ -47,7 +47,7 @@ from .loading import (
     resolve_target_dtype,
 )
 from .specs import display_name, resolve_model
-from .tokenizers import check_compatible, load_tokenizer, stop_token_ids
+from .tokenizers import check_compatible, check_vocab_sizes, load_tokenizer, stop_token_ids, tokenizer_span
 
 __all__ = [
     "CACHE_ENV",
@@ -60,6 +60,7 @@ __all__ = [
     "Progress",
     "cache_dir",
     "check_compatible",
+    "check_vocab_sizes",
     "display_name",
     "ensure_embedded_model",
     "load_pair",
@@ -69,4 +70,5 @@ __all__ = [
     "resolve_model",
     "resolve_target_dtype",
     "stop_token_ids",
+    "tokenizer_span",
 ]

@@ -3,7 +3,8 @@
 Contract: `load_pair(model_settings)` resolves both specs (chatapp.models.specs),
 checks the draft speaks the target's vocabulary (chatapp.models.tokenizers),
 loads the weights (safetensors only; remote code only when
-model.trust_remote_code is true) on the chosen device and dtype, and returns
+model.trust_remote_code is true) on the chosen device and dtype, checks both
+models have an embedding row for every id the tokenizer produces, and returns
 a `ModelPair`: a target and a draft `DecoderLM` sharing one tokenizer, both
 capped at model.max_context, ready for chatapp.engine. Nothing here decodes
 text or generates. Every failure is a one-line `ModelLoadError`.
@@ -54,7 +55,7 @@ from ..lm import DecoderLM, HFDecoderLM, ModelInfo, count_weights
 from .cache import Progress
 from .errors import ModelLoadError, load_error
 from .specs import display_name, resolve_model
-from .tokenizers import check_compatible, load_tokenizer
+from .tokenizers import check_compatible, check_vocab_sizes, load_tokenizer
 
 # transformers is imported inside the functions that use it: it takes seconds to import.
 
@@ -296,6 +297,7 @@ def load_pair(model_settings, progress: Progress | None = None) -> ModelPair:
     draft = _build_draft(plan, draft_spec, draft_folder, copy_of_target, copy_source, target, say)
     del target_model, copy_source  # the wrappers keep only what they use
     _free()
+    check_vocab_sizes(tokenizer, target.vocab_size, draft.vocab_size, target_spec, draft_spec)
     for lm in {id(target): target, id(draft): draft}.values():
         _cap_context(lm, plan.max_context)
         if isinstance(lm, graph_llama.GraphLlamaLM):

@@ -4,7 +4,9 @@ Contract: `load_tokenizer(folder)` is the folder's tokenizer or a one-line
 `ModelLoadError`. `check_compatible(target_tok, draft_tok, ...)` raises
 `IncompatibleModelsError` unless every token of the smaller vocabulary has
 the same id in the larger one and both end sequences with the same token;
-otherwise it returns a short description of the match. `stop_token_ids` are
+otherwise it returns a short description of the match. `check_vocab_sizes`
+raises it when a loaded model has fewer token embeddings than the ids the
+tokenizer produces (`tokenizer_span`). `stop_token_ids` are
 the ids that end a chat reply. Nothing here loads weights.
 """
 
@@ -62,6 +64,27 @@ def check_compatible(target_tokenizer, draft_tokenizer, target_name: str, draft_
     if len(target_vocab) == len(draft_vocab):
         return f"compatible: same tokenizer vocabulary ({len(target_vocab)} tokens)"
     return f"compatible: the smaller vocabulary is a prefix of the larger ({sizes})"
+
+
+def tokenizer_span(tokenizer) -> int:
+    """How many token ids the tokenizer can produce: one past its highest id, added tokens included."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def check_vocab_sizes(tokenizer, target_vocab: int, draft_vocab: int, target_name: str, draft_name: str) -> None:
+    """Raise IncompatibleModelsError unless both models have a row for every id the tokenizer produces.
+
+    The models' vocabulary sizes (embedding rows) may differ from each other -- padded vocabularies
+    are common, and the engine decodes over the smaller one -- but not fall short of the tokenizer:
+    a prompt or a reply with a higher id would index past the embedding mid-reply."""
+    span = tokenizer_span(tokenizer)
+    for role, name, size in (("target", target_name, target_vocab), ("draft", draft_name, draft_vocab)):
+        if size < span:
+            raise IncompatibleModelsError(
+                f"the {role} '{name}' has {size} token embeddings, but the tokenizer produces ids up to "
+                f"{span - 1} (target '{target_name}' has {target_vocab}, draft '{draft_name}' has {draft_vocab}); "
+                "the model folder's weights and tokenizer do not belong together"
+            )
 
 
 def stop_token_ids(tokenizer) -> list[int]:
