@@ -19,12 +19,14 @@ loaded transformers model:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import TORCH, cpu_kernels
+from .kernels import TORCH, cpu_kernels, variant_forced
+from .kernels.choice import faster, memory_allows
 from .lm import ModelInfo, as_id_tensor, weights_origin
 
 SUPPORTED_TYPES = ("llama", "qwen2")
@@ -197,8 +199,24 @@ class LlamaDecoderLM:
         self.info.weight_bytes = self._weight_bytes()
 
     @classmethod
-    def from_hf(cls, hf_model, *, quantize: str | None = None, info: ModelInfo | None = None) -> "LlamaDecoderLM":
-        return cls(hf_model, quantize=quantize, info=info)
+    def from_hf(
+        cls, hf_model, *, quantize: str | None = None, info: ModelInfo | None = None, variant: str | None = None
+    ) -> "LlamaDecoderLM":
+        """The decoder on the kernels chatapp.kernels chooses (or `variant`), unless
+        plain torch ops run one decode step of this model clearly faster here:
+        then on torch ops. The step timings go to info.extra["decode_paths_ms"]."""
+        lm = cls(hf_model, quantize=quantize, info=info, variant=variant)
+        if variant is not None or lm._kernels is None or variant_forced():
+            return lm
+        if not memory_allows(lm.info.weight_bytes):
+            lm.info.extra["decode_paths_ms"] = "not timed: too little free memory for a second copy of the weights"
+            return lm
+        plain_info = dataclasses.replace(lm.info, extra=dict(lm.info.extra))
+        plain = cls(hf_model, quantize=quantize, info=plain_info, variant=TORCH)
+        paths = {f"CPU kernels ({lm._kernels.variant()})": lm, "torch ops": plain}
+        chosen, medians = faster({name: _decode_step(candidate) for name, candidate in paths.items()})
+        paths[chosen].info.extra["decode_paths_ms"] = {name: round(ms, 2) for name, ms in medians.items()}
+        return paths[chosen]
 
     def _weight_bytes(self) -> int:
         linears = [self.lm_head] + [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
@@ -305,6 +323,14 @@ class LlamaDecoderLM:
             q.transpose(0, 1), keys[:, :end], values[:, :end], attn_mask=mask, enable_gqa=True
         )
         return out.transpose(0, 1).contiguous()
+
+
+def _decode_step(lm: LlamaDecoderLM, context: int = 32):
+    """One decode step of `lm` at the end of a prefilled context, as a call to time."""
+    context = min(context, lm.max_positions - 1)
+    cache = lm.new_cache(context + 1)
+    lm.forward([i % lm.vocab_size for i in range(context)], 0, cache, logits=False)
+    return lambda: lm.forward([1 % lm.vocab_size], context, cache)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ What they pin down:
   no int32 overflow on the worst input the bound allows, zeros stay zeros;
 * a whole int8 draft built from a tiny model agrees with its fp32 target;
 * the loader: which variants a CPU runs, the best one by default, and
-  $SPECCHAT_KERNEL_VARIANT forcing another; each module says what it is.
+  $SPECCHAT_KERNEL_VARIANT forcing another; each module says what it is;
+* never slower than the plain path: at load the kernels and torch ops are
+  timed on one decode step and the faster path is kept, unless named.
 
 Each variant is compiled once into the cache folder (~15 s each the first
 time); the shapes stay tiny.
@@ -26,6 +28,7 @@ import pytest
 import torch
 
 import chatapp.kernels as loader
+import chatapp.kernels.choice as choice
 from chatapp.kernels import cpu_kernels, supported_variants
 from chatapp.llama import LlamaDecoderLM, quantize_int8
 
@@ -343,3 +346,67 @@ def test_this_cpu_runs_its_default_variant():
     assert module is not None and module.variant() == best
     lm = LlamaDecoderLM(tiny_model())
     assert f"({best})" in lm.info.implementation
+
+
+# -- never slower than the plain path: the load-time choice ----------------------
+
+
+def fake_steps(monkeypatch, costs: dict[str, float]) -> dict:
+    """Steps that advance a fake clock by their cost, so the timing is exact."""
+    clock = [0.0]
+    monkeypatch.setattr(choice.time, "perf_counter", lambda: clock[0])
+
+    def step(cost):
+        return lambda: clock.__setitem__(0, clock[0] + cost)
+
+    return {name: step(cost) for name, cost in costs.items()}
+
+
+def test_the_first_path_stays_unless_another_is_clearly_faster(monkeypatch):
+    chosen, medians = choice.faster(fake_steps(monkeypatch, {"kernels": 0.010, "torch": 0.004}))
+    assert chosen == "torch" and medians == pytest.approx({"kernels": 10.0, "torch": 4.0})
+    chosen, _ = choice.faster(fake_steps(monkeypatch, {"kernels": 0.010, "torch": 0.0095}))
+    assert chosen == "kernels"  # 5% is within the margin: the batch-invariant path stays
+    chosen, _ = choice.faster(fake_steps(monkeypatch, {"kernels": 0.004, "torch": 0.010}))
+    assert chosen == "kernels"
+
+
+def test_loading_times_both_paths_and_keeps_the_faster(monkeypatch):
+    import chatapp.llama as llama
+
+    monkeypatch.delenv(loader.VARIANT_ENV, raising=False)
+    monkeypatch.delenv("SPECCHAT_DISABLE_KERNELS", raising=False)
+    if loader.chosen_variant() is None or cpu_kernels() is None:
+        pytest.skip("no kernels here")
+    lm = LlamaDecoderLM.from_hf(tiny_model())
+    timings = lm.info.extra["decode_paths_ms"]
+    assert set(timings) == {f"CPU kernels ({loader.chosen_variant()})", "torch ops"}
+    assert all(ms > 0 for ms in timings.values())
+
+    def torch_wins(candidates):
+        for step in candidates.values():
+            step()  # the steps really run
+        return "torch ops", {name: 1.0 for name in candidates}
+
+    monkeypatch.setattr(llama, "faster", torch_wins)
+    lm = LlamaDecoderLM.from_hf(tiny_model(), quantize="int8-weight-only")
+    assert lm.info.implementation.endswith("(torch ops)") and "torch fallback" in lm.info.quantization
+    assert lm.info.extra["decode_paths_ms"] == {f"CPU kernels ({loader.chosen_variant()})": 1.0, "torch ops": 1.0}
+
+
+def test_a_named_variant_or_little_memory_skips_the_timing(monkeypatch):
+    import chatapp.llama as llama
+
+    def never(candidates):
+        raise AssertionError("timed although the path was given")
+
+    monkeypatch.setattr(llama, "faster", never)
+    lm = LlamaDecoderLM.from_hf(tiny_model(), variant="portable")
+    assert lm.info.implementation.endswith("(portable)") and "decode_paths_ms" not in lm.info.extra
+    monkeypatch.setenv(loader.VARIANT_ENV, "torch")  # as on a CPU where the kernels cannot be built
+    assert LlamaDecoderLM.from_hf(tiny_model()).info.implementation.endswith("(torch ops)")
+    monkeypatch.delenv(loader.VARIANT_ENV)
+    monkeypatch.delenv("SPECCHAT_DISABLE_KERNELS", raising=False)
+    monkeypatch.setattr(llama, "memory_allows", lambda nbytes: False)
+    lm = LlamaDecoderLM.from_hf(tiny_model())
+    assert "not timed" in lm.info.extra["decode_paths_ms"]
