@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# Assemble a Hugging Face Space folder: packaging/spaces/build.sh [OUT]
-# Push OUT to a Space repository with git or `huggingface-cli upload`.
+# Assemble a Hugging Face Space folder: packaging/spaces/build.sh [--cpu-only] [OUT]   (OUT: dist/space)
+# Then push OUT to a Gradio Space (the folder's README.md says how): hf upload USER/SPACE OUT . --repo-type space
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-out="${1:-$root/dist/space}"
-rm -rf "$out"
-mkdir -p "$out"
-cp -r "$root/chatapp" "$out/chatapp"
-find "$out/chatapp" -name __pycache__ -prune -exec rm -rf {} +
-cp "$root/main.py" "$root/settings.toml" "$root/requirements.txt" "$out/"
-cp "$root/packaging/spaces/app.py" "$root/packaging/spaces/README.md" "$out/"
-echo "Space folder ready: $out"
+# Any Python 3.11+ builds it (standard library only); the project's own when there is one.
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+  if [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"; else python=python3; fi
+fi
+exec "$python" "$root/packaging/spaces/build_space.py" "$@"
