@@ -126,6 +126,16 @@ class AcceptanceTracker:
         for seconds in draft_steps:
             self._record_draft_step(seconds)
 
+    def samples(self) -> dict[str, Any]:
+        """How many measurements each figure comes from (the UI says so): replies recorded since load,
+        acceptance rates in the turn window, draft steps, and target forwards by token count."""
+        return {
+            "replies": self.replies,
+            "turn_rates": len(self._turn_rates),
+            "draft_steps": len(self._draft_steps),
+            "forwards": {n: len(times) for n, times in sorted(self._forward_s.items())},
+        }
+
     @property
     def acceptance_rate(self) -> float:
         checked = self.accepted + self.rejected

@@ -55,15 +55,16 @@ class FakeTurn:
     record = Turn.record  # the real service's record of a reply: it reads only .stats, .k_choice and .notice
 
     def __init__(self, service, tokens: list[int], mode: str, k: int, k_choice: KChoice | None, max_new: int, notice,
-                 prompt_len):
+                 prompt: list[str], reused: int, keep: bool):
         self.service, self.notice, self.k_choice = service, notice, k_choice
         self._ids, self._k, self._max = tokens, k, max_new
         self.text = ""
         self.tokens: list[Token] = []
         self._stop = False
         b = service.baseline
+        self._prompt, self._keep = prompt, keep
         self.stats = TurnStats(
-            mode=mode, k=k if mode == "speculative" else 0, prompt_tokens=prompt_len,
+            mode=mode, k=k if mode == "speculative" else 0, prompt_tokens=len(prompt), prefix_reused=reused,
             baseline_tokens_per_s=b.tokens_per_s, baseline_source=b.source,
             int8_path="int8 weight-only per-channel (fake)" if mode == "speculative" else "",
             draft_prefill="copied from the target" if mode == "speculative" else "",
@@ -84,6 +85,7 @@ class FakeTurn:
             out.append(Token(self._ids[pos + accepted], "bonus" if accepted == k else "target"))
         s = self.stats
         s.rounds, s.drafted, s.accepted = s.rounds + 1, s.drafted + k, s.accepted + accepted
+        s.rejected += accepted < k  # the round ended at a rejected draft
         s.draft_forwards, s.draft_s = s.draft_forwards + k, s.draft_s + k * DRAFT_STEP_S
         return out
 
@@ -103,6 +105,8 @@ class FakeTurn:
                 s.wall_s = s.prefill_s + s.draft_s + s.target_s  # simulated time: deterministic rates
                 if s.mode == "speculative" and not s.reference_steps:  # as the engine: a standard step timed
                     s.reference_step_s, s.reference_steps, s.reference_s = STANDARD_STEP_S, 1, STANDARD_STEP_S
+                if s.first_token_s is None:
+                    s.first_token_s = s.wall_s
                 self.tokens += emitted
                 s.new_tokens = len(self.tokens)
                 for t in emitted:
@@ -117,6 +121,8 @@ class FakeTurn:
             if not s.stop_reason:
                 s.stop_reason = "stopped"
             self.service.tracker.record(s)
+            if self._keep:  # as the service: the next reply of the conversation reuses this prefix
+                self.service.kept_prompt = self._prompt + self.text.split()
             if s.mode == "standard" and s.stop_reason in ("eos", "max_new_tokens") and s.new_tokens >= 8:
                 self.service.baseline.record(s.tokens_per_s, "standard-mode turns")
             self.service.turns.append(self)
@@ -135,6 +141,7 @@ class FakeService:
         self.turns: list[FakeTurn] = []
         self.histories: list[list[dict]] = []  # what each start_turn was given
         self.fresh: list[bool] = []  # and its fresh= flag
+        self.kept_prompt: list[str] = []  # the "prefix cache": the words of the latest kept prompt and reply
         self.context = 2048
         info = dict(name="FakeLM-135M", source="embedded:fake", device="cpu", parameters=134_515_008,
                     implementation="fake (scripted)")
@@ -174,5 +181,15 @@ class FakeService:
         choice = self.tracker.choose(decoding.k, decoding.auto_k) if decoding.mode == "speculative" else None
         speculative = choice is not None and choice.speculative
         mode, k = ("speculative", choice.k) if speculative else ("standard", decoding.k)
-        prompt_len = sum(len(m["content"].split()) for m in earlier) + len(message.split())
-        return FakeTurn(self, ids, mode, k, choice, decoding.max_new_tokens, notice, prompt_len)
+        prompt = [word for m in [*earlier, history[-1]] for word in m["content"].split()]  # one "token" per word
+        reused = 0 if fresh else _common_prefix(prompt[:-1], self.kept_prompt)
+        return FakeTurn(self, ids, mode, k, choice, decoding.max_new_tokens, notice, prompt, reused, not fresh)
+
+
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -20,7 +20,7 @@ from chatapp.autok import AcceptanceTracker, KChoice
 from chatapp.settings import DEFAULT_SETTINGS_PATH, K_MAX, K_MIN, SettingsError, load_settings
 from chatapp.ui.format import choice_text, stats_line, stats_title
 from chatapp.ui.sidebar import SIDEBAR_FIELDS, decoding_endpoint
-from fake_engine import FakeService, FakeTurn
+from fake_engine import DRAFT_STEP_S, PREFILL_S, VERIFY_STEP_S, FakeService, FakeTurn
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -95,7 +95,13 @@ def test_streams_a_reply_with_stats_that_match_the_engine(client, fake):
     # The speedup is priced by standard steps timed inside the reply (the fake times one, as the engine does).
     assert s.speedup == pytest.approx((s.prefill_s + s.new_tokens * s.reference_step_s) / s.wall_s)
     standard_rate = s.new_tokens / s.standard_estimate_s
-    assert f"**{s.speedup:.2f}×** vs standard decoding ({standard_rate:.1f} tok/s, timed within this reply)" in line
+    assert (f"**{s.speedup:.2f}×** vs standard decoding timed within this reply ({standard_rate:.1f} tok/s, "
+            "from 1 one-token target step)") in line
+    # Time to first token: the fake's prefill plus its first round, in the line and while streaming.
+    assert s.first_token_s == pytest.approx(PREFILL_S + 4 * DRAFT_STEP_S + VERIFY_STEP_S)
+    assert f"first token {s.first_token_s:.2f} s" in line
+    assert any(f"first token {s.first_token_s:.2f} s" in u["stats"] for u in updates[1:-1]), "the live line has it"
+    assert f"reused 0 of {s.prompt_tokens} prompt tokens" in line  # a new conversation: nothing to reuse
     assert s.baseline_source in line and s.int8_path in line
     assert "draft's prompt keys/values copied from the target" in line
     # The same stats sit under the reply in the chat, as a collapsed aside.
@@ -124,6 +130,29 @@ def test_stats_tab_plots_the_conversation(client, fake):
     assert f"c = {fake.tracker.cost_ratio:.3f}" in stats["summary"]
     empty = dict(zip(ui.STATS_OUTPUTS, client.predict(chat_state=EMPTY, k=4, api_name="/stats")))
     assert empty["turns_table"]["data"] == [] and "0 replies" in empty["summary"]
+
+
+def test_the_next_turn_reuses_the_conversation_prefix_and_says_how_much(client, fake):
+    first, _ = chat(client, "tell me about drafts")
+    second, _ = chat(client, "and targets?", first["state"])
+    s = fake.last.stats
+    assert s.prompt_tokens > s.prefix_reused > 0  # the earlier turn came from the cache, the new message did not
+    assert f"reused {s.prefix_reused} of {s.prompt_tokens} prompt tokens" in second["stats"]
+    assert second["state"]["messages"][-1]["stats"]["prefix_reused"] == s.prefix_reused
+
+
+def test_the_stats_tab_says_what_its_figures_come_from(client, fake):
+    first, _ = chat(client, "one")
+    stats = dict(zip(ui.STATS_OUTPUTS, client.predict(chat_state=first["state"], k=3, api_name="/stats")))
+    tracker, samples = fake.tracker, fake.tracker.samples()
+    summary = stats["summary"]
+    assert f"come from {samples['replies']} replies since the models were loaded" in summary
+    assert f"{tracker.accepted} of {tracker.accepted + tracker.rejected} checked drafts" in summary
+    assert f"medians of the last {samples['draft_steps']} draft step" in summary
+    assert f"{samples['forwards'][1]} one-token target step" in summary
+    assert f"**v(3) = {tracker.verify_ratio(3):.2f}** target steps to verify 4 tokens" in summary
+    assert f"baseline {fake.baseline.tokens_per_s:.1f} tok/s** (drift only" in summary
+    assert "1 reply, 1 speculative" in summary
 
 
 def test_history_goes_to_the_service_and_the_system_prompt_is_applied(client, fake):

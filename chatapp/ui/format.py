@@ -21,6 +21,16 @@ from ..errors import megabytes, one_line
 
 CURSOR = " ▌"  # ends a reply that is still streaming
 NO_STATS = "*Stats of the last reply appear here.*"
+SPEEDUP_METHOD = (
+    "**How the speedup is measured:** against standard decoding *timed within the same reply*, on the same "
+    "machine under the same load. During each speculative reply the app times a few one-token target steps "
+    "(standard decoding's whole work per token: one early in the reply, the rest after its last token, all "
+    "left out of the reply's own time). Standard decoding of this reply would have taken the same prefill plus "
+    "*new tokens × the median of those steps*; the speedup is that estimate ÷ the reply's wall time. "
+    "A standard reply is 1.00× by definition: its rate against earlier standard runs is shown as drift, never "
+    "as a speedup. *First token* is the time from the request to the first shown token (the prefill of what "
+    "the conversation's cache does not already hold, plus the first round)."
+)
 
 
 # --- one reply ---------------------------------------------------------------------
@@ -90,11 +100,28 @@ def _speedup_text(record: dict, bold) -> str:
     speedup, estimate = record.get("speedup"), record.get("standard_estimate_s")
     if speedup is None:
         return "speedup n/a (standard decoding not timed in this reply)"
-    if estimate:
-        reference = f"{(record.get('new_tokens') or 0) / estimate:.1f} tok/s, timed within this reply"
-    else:
-        reference = f"{record.get('baseline_tokens_per_s') or 0:.1f} tok/s"
-    return f"{bold(f'{speedup:.2f}×')} vs standard decoding ({reference})"
+    if not estimate:  # a record of the previous version: priced by the load-time baseline
+        return f"{bold(f'{speedup:.2f}×')} vs standard decoding ({record.get('baseline_tokens_per_s') or 0:.1f} tok/s)"
+    steps = record.get("reference_steps") or 0
+    rate = (record.get("new_tokens") or 0) / estimate
+    return (
+        f"{bold(f'{speedup:.2f}×')} vs standard decoding timed within this reply "
+        f"({rate:.1f} tok/s, from {steps} one-token target step{'s' if steps != 1 else ''})"
+    )
+
+
+def first_token_text(record: dict) -> str | None:
+    """Time to first token: the prefill plus the first round; None in records that lack it."""
+    seconds = record.get("first_token_s")
+    return None if seconds is None else f"first token {seconds:.2f} s"
+
+
+def prefix_text(record: dict) -> str | None:
+    """How much of the prompt the conversation's prefix cache held, e.g. "reused 412 of 430 prompt
+    tokens"; None in records that lack it."""
+    if "prefix_reused" not in record or not record.get("prompt_tokens"):
+        return None
+    return f"reused {record.get('prefix_reused') or 0} of {record['prompt_tokens']} prompt tokens"
 
 
 def _head(record: dict, bold, markdown: bool) -> list[str]:
@@ -107,11 +134,17 @@ def _head(record: dict, bold, markdown: bool) -> list[str]:
             f"acceptance {bold(pct(record.get('acceptance_rate')))}",
             "n/a accepted/round" if per_round is None else f"{per_round:.2f} accepted/round",
             tps,
+            *_present(first_token_text(record)),
             _speedup_text(record, bold),
         ]
     how = choice_text(record)  # auto K may have chosen standard decoding for this reply
     title = ("◎ " if markdown else "") + bold("standard") + f" ({how or 'target only'})"
-    return [title, *([] if how else ["K n/a"]), "acceptance n/a", tps, _speedup_text(record, bold)]
+    return [title, *([] if how else ["K n/a"]), "acceptance n/a", tps, *_present(first_token_text(record)),
+            _speedup_text(record, bold)]
+
+
+def _present(*parts: str | None) -> list[str]:
+    return [part for part in parts if part]
 
 
 def _details(record: dict) -> list[str]:
@@ -123,6 +156,7 @@ def _details(record: dict) -> list[str]:
         draft = "draft: not used"
     return [
         f"{record.get('new_tokens') or 0} tokens in {record.get('wall_s') or 0.0:.2f} s",
+        *_present(prefix_text(record)),
         f"stop: {record.get('stop_reason') or 'n/a'}",
         f"baseline: {record.get('baseline_source') or 'none'}",
         draft,
@@ -157,12 +191,13 @@ def stats_title(record: dict) -> str:
 
 def live_line(stats: Any) -> str:
     """The stats line while a reply streams (from its live TurnStats)."""
+    first = "" if stats.first_token_s is None else f" · first token {stats.first_token_s:.2f} s"
     if stats.mode == "speculative":
         return (
-            f"generating… speculative · K = {stats.k} · {stats.new_tokens} tokens · "
+            f"generating… speculative · K = {stats.k}{first} · {stats.new_tokens} tokens · "
             f"acceptance so far {pct(stats.acceptance_rate)} · {stats.tokens_per_s:.1f} tok/s"
         )
-    return f"generating… standard · {stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tok/s"
+    return f"generating… standard{first} · {stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tok/s"
 
 
 # --- the models --------------------------------------------------------------------

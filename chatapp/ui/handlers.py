@@ -295,7 +295,7 @@ class Handlers:
                 turn_plot=per_turn_figure(replies),
                 theory_plot=theory_figure(replies, c, int(k or self.settings.decoding.k)),
                 turns_table=turns_frame(replies),
-                summary=stats_summary(service, replies),
+                summary=stats_summary(service, replies, int(k or self.settings.decoding.k)),
             )
         except Exception as error:
             line = one_line(error)

@@ -22,7 +22,7 @@ import gradio as gr
 import pandas as pd
 
 from ..settings import Settings, load_settings
-from .format import COMPARE_COLUMNS, NO_STATS, model_markdown, model_status_line
+from .format import COMPARE_COLUMNS, NO_STATS, SPEEDUP_METHOD, model_markdown, model_status_line
 from .handle import ServiceHandle
 from .handlers import CHAT_OUTPUTS, COMPARE_OUTPUTS, MODEL_OUTPUTS, STATS_OUTPUTS, Handlers
 from .sidebar import SIDEBAR_FIELDS, build_sidebar, decoding_endpoint, without
@@ -97,6 +97,9 @@ def _chat_tab() -> dict[str, Any]:
             regenerate = gr.Button("↻ Regenerate", variant="secondary", size="sm", elem_id="regenerate-btn")
             clear = gr.Button("✕ Clear", variant="secondary", size="sm", elem_id="clear-btn")
         stats = gr.Markdown(NO_STATS, elem_id="turn-stats")
+        with gr.Accordion("ⓘ How the speedup and the first-token time are measured", open=False,
+                          elem_id="speedup-method"):
+            gr.Markdown(SPEEDUP_METHOD)
         tokens = gr.HighlightedText(
             value=[], label="Tokens of the last reply, by origin", color_map=SOURCE_COLORS, show_legend=True,
             show_inline_category=False, combine_adjacent=False, elem_id="token-view",
@@ -117,6 +120,7 @@ def _token_legend() -> str:
 def _stats_tab(handle: ServiceHandle) -> dict[str, Any]:
     with gr.Tab("Stats", id="stats") as tab:
         summary = gr.Markdown(stats_summary(handle.service, []), elem_id="stats-summary")
+        gr.Markdown(SPEEDUP_METHOD, elem_id="stats-method")
         with gr.Row():
             # Drawn when the tab is opened (matplotlib takes ~0.3 s a figure on a small CPU).
             turn_plot = gr.Plot(None, show_label=False, elem_id="turn-plot")

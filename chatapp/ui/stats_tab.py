@@ -121,14 +121,50 @@ def theory_figure(records: list[dict], cost_ratio: float, default_k: int):
     return fig
 
 
-def _cost_text(tracker: Any) -> str:
+def _plural(count: int, word: str) -> str:
+    plural = word[:-1] + "ies" if word.endswith("y") and word[-2] not in "aeiou" else word + "s"
+    return f"{count} {word if count == 1 else plural}"
+
+
+def _acceptance_text(tracker: Any, samples: dict) -> str:
+    a = tracker.acceptance_rate
+    if not tracker.drafted:
+        return f"**a = {a:.3f}**: the greedy probe at load (no speculative reply yet)"
+    window = samples["turn_rates"]
+    weighed = (
+        f"auto K weighs the rates of the last {_plural(window, 'reply')}"
+        if window >= tracker.MIN_TURNS
+        else f"auto K uses this pooled rate until {tracker.MIN_TURNS} replies have rates ({window} so far)"
+    )
+    return f"**a = {a:.3f}**: {tracker.accepted} of {tracker.accepted + tracker.rejected} checked drafts; {weighed}"
+
+
+def _cost_text(tracker: Any, samples: dict) -> str:
     c, draft, step = tracker.cost_ratio, tracker.draft_step_s, tracker.target_step_s
     if draft is None or not step:
         return f"**c = {c:.3f}** (prior: draft and target steps not measured yet)"
+    steps = samples["forwards"].get(1, 0)
     return (
-        f"**c = {c:.3f}** (draft step {1000 * draft:.2f} ms ÷ target step {1000 * step:.2f} ms, "
-        "medians of recent measurements on this machine)"
+        f"**c = {c:.3f}**: draft step {1000 * draft:.2f} ms ÷ target step {1000 * step:.2f} ms, medians of the "
+        f"last {_plural(samples['draft_steps'], 'draft step')} and {_plural(steps, 'one-token target step')}"
     )
+
+
+def _verify_text(tracker: Any, samples: dict, k: int) -> str:
+    measured = samples["forwards"].get(k + 1, 0)
+    how = (
+        f"median of the last {_plural(measured, 'measured forward')} of {k + 1} tokens"
+        if measured and tracker.target_step_s
+        else f"interpolated from the sizes measured, +{tracker.verify_slope:.3f} step per extra token"
+    )
+    return f"**v({k}) = {tracker.verify_ratio(k):.2f}** target steps to verify {k + 1} tokens: {how}"
+
+
+def _baseline_text(service: Any) -> str:
+    rate = service.baseline.tokens_per_s
+    if rate is None:
+        return "**baseline**: none yet (it serves only to show drift)"
+    return f"**baseline {rate:.1f} tok/s** (drift only, never a speedup): {service.baseline.source}"
 
 
 def _auto_k_text(tracker: Any) -> str:
@@ -141,19 +177,24 @@ def _auto_k_text(tracker: Any) -> str:
     return f"For these, auto K would pick **K = {choice.k}** (expected speedup {choice.expected_speedup:.2f}×)."
 
 
-def stats_summary(service: Any, records: list[dict]) -> str:
-    """The running acceptance rate and cost ratio (all users), auto K's pick, and this conversation's counts."""
+def stats_summary(service: Any, records: list[dict], k: int | None = None) -> str:
+    """Where the running figures come from (all users of this server: a, c, v(K), the baseline, with how
+    many replies and measurements each rests on), auto K's pick, and this conversation's counts. `k` is the
+    K whose verify cost is shown (default: the last speculative reply's, else 4)."""
     if service is None:
         return "The models are not loaded."
     tracker = service.tracker
-    a = tracker.acceptance_rate
-    a_text = (
-        f"**a = {a:.3f}** over {tracker.drafted} drafted tokens (all users, this session of the server)"
-        if tracker.drafted
-        else f"**a = {a:.3f}** (prior)"
-    )
+    samples = tracker.samples()
+    if k is None:
+        ks = [int(r["k"]) for r in records if r["mode"] == "speculative" and r.get("k")]
+        k = ks[-1] if ks else 4
     n_spec = sum(r["mode"] == "speculative" for r in records)
+    figures = [_acceptance_text(tracker, samples), _cost_text(tracker, samples), _verify_text(tracker, samples, k),
+               _baseline_text(service)]
     return (
-        f"Running acceptance rate {a_text} · draft/target cost ratio {_cost_text(tracker)}.\n\n"
-        f"{_auto_k_text(tracker)} This conversation: {len(records)} replies, {n_spec} speculative."
+        f"**The running figures** come from {_plural(samples['replies'], 'reply')} since the models were loaded "
+        "(all users), on top of the calibration at load; step and forward times are windows of recent "
+        "measurements, so the calibration's age out.\n\n"
+        + "\n".join(f"- {line}" for line in figures)
+        + f"\n\n{_auto_k_text(tracker)} This conversation: {_plural(len(records), 'reply')}, {n_spec} speculative."
     )
