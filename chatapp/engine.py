@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from .errors import one_line
 from .lm import DecoderLM
 from .sampling import SamplingParams, all_finite, logits_to_probs, new_generator, non_finite_error, sample_index
 from .settings import K_MAX, K_MIN, SEED_MAX
@@ -36,6 +38,18 @@ from .stats import Baseline, TurnStats
 
 MODES = ("speculative", "standard")
 SOURCES = ("draft", "target", "bonus", "standard")
+# Errors that mean memory ran out: they end the reply (chatapp.service turns them into a notice) and
+# are never a reason to go on without the draft, since going on needs memory too.
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
+
+
+class DraftFailure(Exception):
+    """The draft raised (or gave non-finite probabilities) during a reply: the reply goes on with
+    standard decoding. `error` is what it raised."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(one_line(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,15 @@ class RoundTimer:
 
 class Generation:
     """One reply. Iterate it for per-round token lists; `stats` is live and
-    final once iteration ends or `close()` is called (e.g. on Stop)."""
+    final once iteration ends or `close()` is called (e.g. on Stop).
+
+    Faults: when the draft fails (it raises, or its probabilities are not
+    finite) the reply finishes with standard decoding -- the target's own
+    tokens, so a greedy reply is unchanged -- and stats.fallback says why. A
+    target failure propagates (stop_reason "error"), and so does running out
+    of memory anywhere (stop_reason "out of memory"). With max_seconds a
+    reply ends after the round that reaches that many seconds (stop_reason
+    "time limit"); 0 or None means no limit."""
 
     def __init__(
         self,
@@ -126,6 +148,7 @@ class Generation:
         reference_steps: int = 3,
         prefix: PrefixCache | None = None,
         keep_cache: bool = False,
+        max_seconds: float | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -138,6 +161,8 @@ class Generation:
         # torch takes an unsigned 64-bit seed; a bigger one failed mid-reply ("Overflow when unpacking long long").
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
             raise ValueError(f"seed must be an integer in 0..{SEED_MAX}, got {seed!r}")
+        if max_seconds is not None and not max_seconds >= 0:
+            raise ValueError(f"max_seconds must be >= 0 (0 = no limit), got {max_seconds}")
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -157,6 +182,7 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.stop_ids = frozenset(int(t) for t in stop_ids)
         self.seed = seed
+        self.max_seconds = max_seconds or None
         self.prompt_ids = prompt_ids
         self.tokens: list[Token] = []
         self._baseline = baseline if record_baseline else None
@@ -227,20 +253,21 @@ class Generation:
             self._target_cache, cached = self._resume_or_new_cache(capacity)
             self._target_len = self._prefill(self.target, self._target_cache, cached)
             if self.draft is not None:
-                self._draft_cache = self.draft.new_cache(capacity)
-                self._draft_len = self._prefill_draft()
+                try:
+                    with self._draft_faults():
+                        self._draft_cache = self.draft.new_cache(capacity)
+                        self._draft_len = self._prefill_draft()
+                except DraftFailure as failure:
+                    self._fall_back(failure)
             self.stats.prefill_s = clock(device) - start
             while not self.stats.stop_reason:
                 if self._stop_requested:
                     self.stats.stop_reason = "stopped"
                     break
                 room = min(self.max_new_tokens - len(self.tokens), self.max_positions - len(self._ids))
-                # Near the end a round drafts no more than fits; a bonus past
-                # the limit is dropped by _emit.
                 if self.stats.rounds == 1 and self._reference_steps and not self._reference_times:
                     self._time_reference_step()  # early in the reply, under the first tokens' conditions
-                proposed = self._speculative_round(min(self.k, room)) if self.draft else self._target_step()
-                emitted = self._emit(proposed, room)
+                emitted = self._emit(self._next_tokens(room), room)
                 # Decided before the yield, so a caller that stops reading
                 # after the last chunk still sees why the reply ended.
                 if emitted[-1].id in self.stop_ids:
@@ -249,17 +276,25 @@ class Generation:
                     self.stats.stop_reason = "max_new_tokens"
                 elif len(self._ids) >= self.max_positions:
                     self.stats.stop_reason = "context"
+                elif self.max_seconds is not None and time.perf_counter() - start >= self.max_seconds:
+                    self.stats.stop_reason = "time limit"
                 self.stats.wall_s = time.perf_counter() - start - self.stats.reference_s  # the round has synced
                 if self.stats.first_token_s is None:
                     self.stats.first_token_s = self.stats.wall_s
                 yield emitted
-            if self.stats.stop_reason != "stopped":
+            if self.stats.stop_reason not in ("stopped", "time limit"):
                 while len(self._reference_times) < self._reference_steps:
                     self._time_reference_step()  # after the last token was shown
             if self._keep_cache:
                 self.kept = PrefixCache(self._target_cache, self._ids[: self._target_len])
         except GeneratorExit:
             self.stats.stop_reason = self.stats.stop_reason or "stopped"
+            raise
+        except OUT_OF_MEMORY:
+            self.stats.stop_reason = "out of memory"
+            raise
+        except Exception:
+            self.stats.stop_reason = "error"
             raise
         finally:
             self.stats.wall_s = clock(device) - start - self.stats.reference_s
@@ -294,6 +329,33 @@ class Generation:
         if len(self._ids) - 1 > cached:
             lm.forward(self._ids[cached:-1], cached, cache, logits=False)
         return len(self._ids) - 1
+
+    def _next_tokens(self, room: int) -> list[Token]:
+        """One round's tokens: a speculative round, or a standard step once there is no draft (standard
+        mode, or a draft that failed: the step then goes on from where the target is)."""
+        if self.draft is not None:
+            try:
+                # Near the end a round drafts no more than fits; a bonus past the limit is dropped by _emit.
+                return self._speculative_round(min(self.k, room))
+            except DraftFailure as failure:
+                self._fall_back(failure)
+        return self._target_step()
+
+    @contextmanager
+    def _draft_faults(self) -> Iterator[None]:
+        """Turn what the draft raises into a DraftFailure; running out of memory stays what it is."""
+        try:
+            yield
+        except OUT_OF_MEMORY:
+            raise
+        except Exception as error:
+            raise DraftFailure(error) from error
+
+    def _fall_back(self, failure: DraftFailure) -> None:
+        """Finish the reply with standard decoding. The target's cache and position are untouched
+        by a failed round (its tokens were never emitted), so standard steps go on exactly."""
+        self.draft = self._draft_cache = None
+        self.stats.fallback = f"draft failed: {failure}; finished with standard decoding"
 
     def _prefill_draft(self) -> int:
         self.stats.draft_prefill = prefill_draft(
@@ -349,16 +411,17 @@ class Generation:
         # Draft proposes k tokens. Its pending input is 1 token, or 2 after a
         # round that ended with a bonus (the last draft token was never fed).
         # Sampling and acceptance happen on the target's device, with one generator.
-        logits = self.draft.forward(self._pending(self._draft_len), self._draft_len, self._draft_cache)[-1]
         proposals: list[torch.Tensor] = []
         draft_probs: list[torch.Tensor] = []
-        for i in range(k):
-            token, probs = self._choose(logits[:vocab].to(device))
-            proposals.append(token)
-            if probs is not None:
-                draft_probs.append(probs)
-            if i < k - 1:
-                logits = self.draft.forward(token.view(1), n + i, self._draft_cache)[-1]
+        with self._draft_faults():
+            logits = self.draft.forward(self._pending(self._draft_len), self._draft_len, self._draft_cache)[-1]
+            for i in range(k):
+                token, probs = self._choose(logits[:vocab].to(device))
+                proposals.append(token)
+                if probs is not None:
+                    draft_probs.append(probs)
+                if i < k - 1:
+                    logits = self.draft.forward(token.view(1), n + i, self._draft_cache)[-1]
         proposed = torch.stack(proposals)
         self._draft_len = n + k - 1
 
@@ -405,14 +468,15 @@ class Generation:
 
     def _read_round(self, values: list[torch.Tensor], checks: list[torch.Tensor]) -> list[int]:
         """The round's values as ints in one host sync, read together with its finiteness checks
-        (the target's, then the draft's); raises NonFiniteProbabilitiesError on a failed one."""
+        (the target's, then the draft's); raises NonFiniteProbabilitiesError for the target's, and
+        a DraftFailure (the reply goes on without the draft) for the draft's."""
         out = torch.cat([*values, *(check.to(values[0].dtype) for check in checks)]).tolist()
         if checks:
             *out, target_finite, draft_finite = out
             if not target_finite:
                 raise non_finite_error("target's")
             if not draft_finite:
-                raise non_finite_error("draft's")
+                raise DraftFailure(non_finite_error("draft's"))
         return out
 
     def _emit(self, proposed: list[Token], room: int) -> list[Token]:

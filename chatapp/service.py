@@ -2,22 +2,33 @@
 models, the engine and the stats, shared by the CLI and the UI.
 
 It owns what outlives one reply: the measured standard-decoding baseline
-(calibrated at load, refreshed by standard-mode turns) and the running
-acceptance/cost figures that auto K chooses from.
+(calibrated at load, refreshed by standard-mode turns), the running
+acceptance/cost figures that auto K chooses from, and the per-reply time
+limit (settings [limits]).
+
+Faults in a reply: running out of memory ends the reply with a notice
+(`Turn.notice`, stop_reason "out of memory") and gives the memory back, so
+the next reply can run; a failing draft makes the engine finish the reply
+with standard decoding, and the notice says so; other errors propagate to
+the caller, which keeps the conversation as it was.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import torch
+
 from .autok import AcceptanceTracker, KChoice, calibrate_tracker
 from .chat import PromptResult, StreamDecoder, build_prompt
-from .engine import Generation, PrefixCache, Token
+from .engine import OUT_OF_MEMORY, Generation, PrefixCache, Token
+from .errors import one_line
 from .models import ModelPair, stop_token_ids
 from .sampling import SamplingParams
-from .settings import DecodingSettings
+from .settings import DecodingSettings, LimitsSettings
 from .stats import Baseline, TurnStats
 
 CALIBRATION_PROMPT = "Write a short paragraph about the history of the bicycle."
@@ -44,18 +55,35 @@ class Turn:
     _keep: Callable[[PrefixCache | None], None] | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[TurnEvent]:
+        out_of_memory = None
         try:
             for tokens in self.generation:
                 delta = self.decoder.push([t.id for t in tokens])
                 self.text += delta
                 yield TurnEvent(delta, tokens)
+        except OUT_OF_MEMORY as error:  # the reply ends here, readably; what it said so far stays
+            out_of_memory = _out_of_memory_notice(error)
         finally:
             self.generation.close()
             self.text += self.decoder.flush()
             if self._tracker is not None:
                 self._tracker.record(self.generation.stats)
             if self._keep is not None:
-                self._keep(self.generation.kept)
+                self._keep(self.generation.kept)  # None after a failure: the kept cache is let go too
+            if out_of_memory:
+                release_memory()  # after the failed reply's tensors (and its traceback) are gone
+            self._say_how_it_ended(out_of_memory)
+
+    def _say_how_it_ended(self, out_of_memory: str | None) -> None:
+        """Add what changed or cut the reply (a draft fallback, the time limit, memory) to the notice."""
+        stats = self.generation.stats
+        limit = self.generation.max_seconds
+        said = [
+            stats.fallback,
+            f"the reply reached its time limit of {limit:g} s" if stats.stop_reason == "time limit" else "",
+            out_of_memory or "",
+        ]
+        self.notice = "; ".join(part for part in [self.notice, *said] if part) or None
 
     @property
     def stats(self) -> TurnStats:
@@ -70,8 +98,9 @@ class Turn:
 
     def record(self) -> dict:
         """The one plain-JSON record of this reply: its stats, how K was
-        chosen and the prompt notice (the UI stores it in the browser, the
-        CLI prints it, the benchmark keeps it)."""
+        chosen and the notice -- the prompt's, and once the reply has ended
+        what changed or cut it (the UI stores it in the browser, the CLI
+        prints it, the benchmark keeps it)."""
         return {
             **self.stats.to_dict(),
             "k_choice": self.k_choice.to_dict() if self.k_choice else None,
@@ -79,9 +108,22 @@ class Turn:
         }
 
 
+def _out_of_memory_notice(error: BaseException) -> str:
+    where = "GPU memory" if isinstance(error, torch.OutOfMemoryError) else "memory"
+    return f"out of {where} ({one_line(error, limit=120)}); the reply was cut here"
+
+
+def release_memory() -> None:
+    """Give freed memory back: collect the dropped tensors, and empty CUDA's cache where there is one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class ChatService:
-    def __init__(self, pair: ModelPair):
+    def __init__(self, pair: ModelPair, *, max_reply_seconds: float = LimitsSettings().max_reply_seconds):
         self.pair = pair
+        self.max_reply_seconds = max_reply_seconds  # limits.max_reply_seconds: a reply's wall clock; 0 = none
         self.tokenizer = pair.tokenizer
         self.stop_ids = stop_token_ids(pair.tokenizer)
         self.baseline = Baseline()
@@ -144,6 +186,7 @@ class ChatService:
             baseline=self.baseline,
             prefix=None if fresh else self._kept,
             keep_cache=not fresh,
+            max_seconds=self.max_reply_seconds,
         )
         keep = None if fresh else self._keep_prefix
         return Turn(generation, StreamDecoder(self.tokenizer), prompt.notice, choice, _tracker=self.tracker, _keep=keep)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 __all__ = [
     "DEFAULT_SETTINGS_PATH",
     "DecodingSettings",
+    "LimitsSettings",
     "ModelSettings",
     "ServerSettings",
     "Settings",
@@ -89,18 +90,27 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class LimitsSettings:
+    """What the operator allows each reply: not decoding options, so no client can change them."""
+
+    max_reply_seconds: float = 300.0  # a reply's wall clock; 0 = no limit
+
+
+@dataclass(frozen=True)
 class Settings:
     model: ModelSettings
     decoding: DecodingSettings
     server: ServerSettings
     presets: dict[str, dict[str, str]]  # name -> {"target", "draft", "description"}
     source: str  # path of the file read
+    limits: LimitsSettings = LimitsSettings()
 
 
 _SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "decoding": DecodingSettings,
     "server": ServerSettings,
+    "limits": LimitsSettings,
 }
 _PRESET_KEYS = ("target", "draft", "description")
 
@@ -139,6 +149,7 @@ _RULES: dict[str, _Rule] = {
     "decoding.max_new_tokens": _between(1, MAX_NEW_TOKENS_MAX),
     "decoding.seed": _between(0, SEED_MAX),
     "server.port": _between(1, 65535),
+    "limits.max_reply_seconds": _between(0, 86_400),
 }
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -324,6 +335,7 @@ def load_settings(
         server=ServerSettings(**merged["server"]),
         presets=presets,
         source=source,
+        limits=LimitsSettings(**merged["limits"]),
     )
 
 

@@ -61,7 +61,8 @@ class TurnStats:
     reference_steps: int = 0
     reference_s: float = 0.0  # time spent on them, left out of wall_s
     int8_path: str = ""
-    stop_reason: str = ""  # "eos", "max_new_tokens", "stopped", "context"
+    stop_reason: str = ""  # "eos", "max_new_tokens", "stopped", "context", "time limit", "out of memory", "error"
+    fallback: str = ""  # why a speculative reply finished with standard decoding ("draft failed: ..."), if it did
     source_counts: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -9,6 +9,7 @@ from chatapp.settings import (
     DEFAULT_SETTINGS_PATH,
     TEMPERATURE_FLOOR,
     DecodingSettings,
+    LimitsSettings,
     ModelSettings,
     ServerSettings,
     SettingsError,
@@ -18,7 +19,7 @@ from chatapp.settings import (
 )
 
 FLOOR_MESSAGE = "must be 0 (greedy) or at least 0.01"
-SECTIONS = {"model": ModelSettings, "decoding": DecodingSettings, "server": ServerSettings}
+SECTIONS = {"model": ModelSettings, "decoding": DecodingSettings, "server": ServerSettings, "limits": LimitsSettings}
 
 PRESETS_TOML = """
 [presets.big]
@@ -358,3 +359,15 @@ def test_greedy_and_temperatures_from_the_floor_up_are_accepted(temperature):
     settings = load_settings(env={}, overrides={"decoding.temperature": temperature})
     assert settings.decoding.temperature == temperature == max(temperature, 0)
     assert TEMPERATURE_FLOOR == 0.01
+
+
+def test_the_reply_time_limit_comes_from_the_file_the_environment_or_the_command_line(write_toml):
+    assert load_settings(env={}).limits == LimitsSettings(max_reply_seconds=300.0)
+    path = write_toml("[limits]\nmax_reply_seconds = 0\n")
+    assert load_settings(path, env={}).limits.max_reply_seconds == 0.0  # no limit
+    env = {"SPECCHAT_LIMITS_MAX_REPLY_SECONDS": "12.5"}
+    assert load_settings(path, env=env).limits.max_reply_seconds == 12.5
+    assert load_settings(path, env={}, overrides={"limits.max_reply_seconds": 30}).limits.max_reply_seconds == 30.0
+    for value, fragments in (("-1", ["limits.max_reply_seconds = -1", "out of range 0..86400"]),
+                             ("'long'", ["limits.max_reply_seconds", "must be a number"])):
+        expect_error(*fragments, path=write_toml(f"[limits]\nmax_reply_seconds = {value}\n"))
