@@ -15,7 +15,7 @@ import re
 import time
 from types import SimpleNamespace
 
-from chatapp.chat import EmptyPromptError, PromptTooLongError
+from chatapp.chat import EmptyPromptError, PromptTooLongError, StreamDecoder
 from chatapp.engine import Token
 from chatapp.lm import ModelInfo
 from chatapp.autok import AcceptanceTracker, KChoice
@@ -47,7 +47,7 @@ class FakeTokenizer:
             out.append(self.ids[piece])
         return out
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, **_) -> str:
         return "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i == EOS))
 
 
@@ -59,6 +59,7 @@ class FakeTurn:
         self.service, self.notice, self.k_choice = service, notice, k_choice
         self._ids, self._k, self._max = tokens, k, max_new
         self.text = ""
+        self._decoder = StreamDecoder(service.tokenizer)  # as the service: a split character is held back
         self.tokens: list[Token] = []
         self._stop = False
         b = service.baseline
@@ -111,13 +112,14 @@ class FakeTurn:
                 s.new_tokens = len(self.tokens)
                 for t in emitted:
                     s.source_counts[t.source] += 1
-                delta = self.service.tokenizer.decode([t.id for t in emitted], skip_special_tokens=True)
+                delta = self._decoder.push([t.id for t in emitted])
                 self.text += delta
                 yield TurnEvent(delta, emitted)
                 if emitted and emitted[-1].id == EOS:
                     s.stop_reason = "eos"
                     break
         finally:
+            self.text += self._decoder.flush()
             if not s.stop_reason:
                 s.stop_reason = "stopped"
             self.service.tracker.record(s)
@@ -132,9 +134,9 @@ class FakeService:
     """ChatService's interface over a script. `max_message_chars` / `context_chars`
     play the context limits: a longer message fails, a longer history drops old turns."""
 
-    def __init__(self, delay: float = 0.0, max_message_chars: int = 2000, context_chars: int = 4000):
+    def __init__(self, delay: float = 0.0, max_message_chars: int = 2000, context_chars: int = 4000, tokenizer=None):
         self.delay, self.max_message_chars, self.context_chars = delay, max_message_chars, context_chars
-        self.tokenizer = FakeTokenizer()
+        self.tokenizer = tokenizer or FakeTokenizer()  # or a real one whose id 0 is a special token
         self.baseline = Baseline()
         self.baseline.record(1 / STANDARD_STEP_S, "calibration at load (fake)")
         self.tracker = AcceptanceTracker()

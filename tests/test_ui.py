@@ -452,6 +452,87 @@ def test_engine_failure_mid_reply_is_one_line(client, fake, monkeypatch):
     assert out["state"]["messages"][-1]["content"] == fake.last.text  # what came before the failure is kept
 
 
+# --- the token view ------------------------------------------------------------------------
+
+EMOJI_TEXT = "I feel 🙂 today, café 日本"
+
+
+def byte_level_tokenizer():
+    """A tiny byte-level BPE that never saw an emoji or a kanji: they become several byte tokens each."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["You said: hello there. Speculative decoding is fast."] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")  # id 0: the end of turn
+
+
+def split_tokens(tokenizer, text):
+    from chatapp.engine import Token
+
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [Token(i, ("draft", "target", "bonus")[n % 3]) for n, i in enumerate(ids)]
+
+
+@pytest.mark.parametrize("tokenizer_name", ["byte-level BPE", pytest.param("SmolLM2", marks=pytest.mark.slow)])
+def test_the_token_view_shows_a_character_split_over_tokens_once(tokenizer_name):
+    from chatapp.ui.tokens import TokenView
+
+    if tokenizer_name == "SmolLM2":
+        from chatapp.models import ensure_embedded_model, load_tokenizer
+
+        tokenizer = load_tokenizer(ensure_embedded_model())
+    else:
+        tokenizer = byte_level_tokenizer()
+    tokens = split_tokens(tokenizer, EMOJI_TEXT)
+    alone = [tokenizer.decode([t.id]) for t in tokens]
+    assert any("\ufffd" in piece for piece in alone), "the test needs a character split over tokens"
+
+    view = TokenView()(tokenizer, tokens)
+    assert "".join(piece for piece, _ in view) == EMOJI_TEXT and not any("\ufffd" in p for p, _ in view)
+    # Each group is shown once, colored by the source of its last token (the one that completed it).
+    consumed = 0
+    for piece, source in view:
+        group = next(n for n in range(1, len(tokens) - consumed + 1)
+                     if tokenizer.decode([t.id for t in tokens[consumed:consumed + n]]) == piece)
+        assert source == tokens[consumed + group - 1].source
+        assert group == 1 or "\ufffd" in alone[consumed]  # only split characters are grouped
+        consumed += group
+    assert consumed == len(tokens)
+
+    # Streamed one token at a time (a character split across rounds), the pieces are the same.
+    stream = TokenView().stream(tokenizer)
+    streamed = [pair for t in tokens for pair in stream.push([t])] + stream.flush()
+    assert streamed == view
+    # A reply cut inside a character shows what it has, as it decodes.
+    cut = next(i for i, piece in enumerate(alone) if piece.endswith("\ufffd")) + 1
+    stream = TokenView().stream(tokenizer)
+    held = stream.push(tokens[:cut])
+    assert "".join(p for p, _ in held + stream.flush()) == tokenizer.decode([t.id for t in tokens[:cut]])
+
+
+def test_the_chat_token_view_never_shows_half_a_character():
+    fake = FakeService(tokenizer=byte_level_tokenizer())
+    demo, client = launch(fake)
+    try:
+        out, updates = chat(client, "I feel 🙂 today")
+        turn = fake.last
+        assert "🙂" in turn.text and "\ufffd" not in turn.text
+        pieces = [t["token"] for t in out["tokens"]]
+        assert "".join(pieces) == fake.tokenizer.decode([t.id for t in turn.tokens])
+        assert any("🙂" in piece for piece in pieces) and len(pieces) < len(turn.tokens)
+        for update in updates:
+            if isinstance(update["tokens"], list):
+                assert not any("\ufffd" in t["token"] for t in update["tokens"]), update["tokens"]
+    finally:
+        client.close()
+        demo.close()
+
+
 # --- the real model ----------------------------------------------------------------------
 
 

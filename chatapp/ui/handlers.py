@@ -39,6 +39,7 @@ from .format import (
 from .handle import ServiceHandle, Session, Sessions, UnavailableError
 from .state import EMPTY_STATE, clean_state, history, records, render_chat
 from .stats_tab import per_turn_figure, stats_summary, theory_figure, turns_frame
+from .tokens import TokenView
 
 # What /chat, /regenerate, /clear and /restore return, in order (for API clients and tests).
 CHAT_OUTPUTS = ("chatbot", "message", "state", "stats", "tokens", "notice", "turns_table", "summary")
@@ -60,29 +61,6 @@ class Outputs:
         if unknown:
             raise TypeError(f"not an output: {', '.join(sorted(unknown))}")
         return tuple(values.get(name, gr.skip()) for name in self.names)
-
-
-class TokenView:
-    """Tokens as (text piece, source) pairs for the HighlightedText, each id decoded once."""
-
-    MAX_CACHED = 200_000
-
-    def __init__(self) -> None:
-        self._pieces: dict[int, str] = {}
-
-    def __call__(self, tokenizer: Any, tokens: list) -> list[tuple[str, str]]:
-        return [(self._piece(tokenizer, t.id), t.source) for t in tokens]
-
-    def _piece(self, tokenizer: Any, token_id: int) -> str:
-        text = self._pieces.get(token_id)
-        if text is None:
-            try:
-                text = tokenizer.decode([token_id])
-            except Exception:  # a tokenizer that cannot decode one id alone: still show where it is
-                text = f"<{token_id}>"
-            if len(self._pieces) < self.MAX_CACHED:
-                self._pieces[token_id] = text
-        return text
 
 
 def _warn(line: str) -> str:
@@ -195,13 +173,15 @@ class Handlers:
     def _stream(self, session: Session, messages: list[dict], turn: Any, clear_box: bool) -> Iterator[tuple]:
         """Stream one reply into the chat, then store it (with its stats) in the browser state."""
         epoch = session.epoch
-        error = yield from self._rounds(session, epoch, messages, turn, clear_box)
+        tokenizer = self.handle.service.tokenizer  # the reply's own, even if the pair is swapped meanwhile
+        error = yield from self._rounds(session, epoch, messages, turn, clear_box, tokenizer)
         if session.epoch == epoch:  # not cleared meanwhile
-            yield self._stored(messages, turn, error)
+            yield self._stored(messages, turn, error, tokenizer)
 
-    def _rounds(self, session: Session, epoch: int, messages: list[dict], turn: Any, clear_box: bool):
+    def _rounds(self, session: Session, epoch: int, messages: list[dict], turn: Any, clear_box: bool,
+                tokenizer: Any):
         """The live updates of one reply; returns the error that ended it early, if any."""
-        tokenizer, pieces = self.handle.service.tokenizer, []
+        pieces, stream = [], self.token_view.stream(tokenizer)
         try:
             with session.running(turn) as events:
                 if turn.notice:
@@ -211,7 +191,7 @@ class Handlers:
                     stats=live_line(turn.stats), tokens=[], notice=f"ℹ {turn.notice}" if turn.notice else "",
                 )
                 for event in events:
-                    pieces.extend(self.token_view(tokenizer, event.tokens))
+                    pieces.extend(stream.push(event.tokens))
                     if session.epoch != epoch:  # cleared meanwhile: end the reply, show nothing more
                         turn.stop()
                         continue
@@ -221,7 +201,7 @@ class Handlers:
             return error
         return None
 
-    def _stored(self, messages: list[dict], turn: Any, error: Exception | None) -> tuple:
+    def _stored(self, messages: list[dict], turn: Any, error: Exception | None, tokenizer: Any) -> tuple:
         """The last update of a reply: it and its record join the stored chat; the notice says how it ended."""
         record = turn.record()
         messages = messages + [{"role": "assistant", "content": turn.text, "stats": record}]
@@ -230,8 +210,7 @@ class Handlers:
             notice = f"ℹ {turn.notice}"
         if error is not None:
             notice = _warn(f"generation failed: {one_line(error)}")
-        return self._chat_view(messages, tokens=self.token_view(self.handle.service.tokenizer, turn.tokens),
-                               notice=notice)
+        return self._chat_view(messages, tokens=self.token_view(tokenizer, turn.tokens), notice=notice)
 
     # --- compare -------------------------------------------------------------------
 
