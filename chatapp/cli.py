@@ -1,4 +1,8 @@
-"""Command line: `python main.py [serve] | generate | bench | prepare`.
+"""Command line: `specchat [desktop] | serve | generate | bench | prepare` (`python main.py ...` in a checkout).
+
+No command, or flags only, is `desktop`: the app in its own window (`--browser`:
+in the browser), one instance per user (chatapp.desktop); flags that only
+`serve` knows (--host, --share, --no-browser) make it `serve`.
 
 Every user error ends as one line on stderr and exit status 2; no tracebacks.
 """
@@ -42,10 +46,15 @@ def _decoding_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="main.py", description="Speculative-decoding chat app")
+    parser = OneLineParser(prog="specchat", description="Speculative-decoding chat app")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
-    serve = sub.add_parser("serve", help="run the chat UI (the default)")
+    desktop = sub.add_parser("desktop", help="the app in its own window, one instance per user (the default)")
+    _model_flags(desktop)
+    desktop.add_argument("--port", type=int, help="preferred port on 127.0.0.1 (another free one when it is busy)")
+    desktop.add_argument("--browser", action="store_true", help="open the app in the browser instead of a window")
+
+    serve = sub.add_parser("serve", help="serve the chat UI (on the network with --host 0.0.0.0)")
     _model_flags(serve)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -150,6 +159,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_desktop(args) -> int:
+    from .desktop import run
+
+    return run(_settings(args), browser=args.browser)
+
+
 def cmd_serve(args) -> int:
     from .ui import serve
 
@@ -175,7 +190,9 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "prepare": cmd_prepare}
+COMMANDS = {
+    "desktop": cmd_desktop, "serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "prepare": cmd_prepare,
+}
 
 
 def keep_freed_memory() -> bool:
@@ -194,14 +211,20 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
 
 
+SERVE_ONLY_FLAGS = ("--host", "--share", "--no-browser")
+
+
+def _default_command(flags: list[str]) -> str:
+    """`desktop`, unless a flag asks for what only `serve` does (serving on the network, no browser)."""
+    return "serve" if any(flag.split("=")[0] in SERVE_ONLY_FLAGS for flag in flags) else "desktop"
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["serve", *argv]
+        argv = [_default_command(argv), *argv]
     args = build_parser().parse_args(argv)
-    if args.command is None:
-        args = build_parser().parse_args(["serve"])
     from .models import ModelLoadError
 
     try:
