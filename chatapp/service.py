@@ -10,7 +10,9 @@ Faults in a reply: running out of memory ends the reply with a notice
 (`Turn.notice`, stop_reason "out of memory") and gives the memory back, so
 the next reply can run; a failing draft makes the engine finish the reply
 with standard decoding, and the notice says so; other errors propagate to
-the caller, which keeps the conversation as it was.
+the caller, which keeps the conversation as it was. A pair without a draft
+(load_pair(draft_fallback=True) could not load it) runs standard decoding
+only, and each reply that asked for speculative decoding says why.
 """
 
 from __future__ import annotations
@@ -136,16 +138,30 @@ class ChatService:
 
     @property
     def context(self) -> int:
-        return min(self.pair.target.max_positions, self.pair.draft.max_positions)
+        draft = self.pair.draft
+        return min(self.pair.target.max_positions, draft.max_positions if draft else self.pair.target.max_positions)
+
+    @property
+    def standard_only(self) -> str | None:
+        """Why every reply runs standard decoding (the pair has no draft: see load_pair(draft_fallback=...)),
+        or None when speculative decoding can run."""
+        if self.pair.draft is not None:
+            return None
+        return f"standard decoding only: {getattr(self.pair, 'draft_error', '') or 'there is no draft model'}"
 
     def calibrate(self, new_tokens: int = 32) -> float | None:
         """Measure standard decoding on this machine for the speedup baseline,
-        and seed auto K's costs and acceptance."""
+        and seed auto K's costs and acceptance (when there is a draft)."""
         ids = build_prompt(
             self.tokenizer, [{"role": "user", "content": CALIBRATION_PROMPT}], None, self.context
         ).ids
         with self.lock:
-            standard = calibrate_tracker(self.tracker, self.pair.target, self.pair.draft, ids, new_tokens)
+            if self.pair.draft is None:
+                standard = Generation(self.pair.target, None, ids, mode="standard", max_new_tokens=new_tokens)
+                standard.run()
+                standard = standard.stats
+            else:
+                standard = calibrate_tracker(self.tracker, self.pair.target, self.pair.draft, ids, new_tokens)
         self.baseline.record(standard.tokens_per_s, f"calibration at load ({standard.new_tokens} tokens)")
         return self.baseline.tokens_per_s
 
@@ -173,6 +189,9 @@ class ChatService:
         if prompt is None:
             prompt = self.prompt(history, decoding, system)
         choice = self.choose_k(decoding)
+        notice = prompt.notice
+        if decoding.mode == "speculative" and self.standard_only:
+            notice = "; ".join(part for part in (prompt.notice, self.standard_only) if part)
         generation = Generation(
             self.pair.target,
             self.pair.draft,
@@ -189,13 +208,14 @@ class ChatService:
             max_seconds=self.max_reply_seconds,
         )
         keep = None if fresh else self._keep_prefix
-        return Turn(generation, StreamDecoder(self.tokenizer), prompt.notice, choice, _tracker=self.tracker, _keep=keep)
+        return Turn(generation, StreamDecoder(self.tokenizer), notice, choice, _tracker=self.tracker, _keep=keep)
 
     def _keep_prefix(self, kept: PrefixCache | None) -> None:
         self._kept = kept
 
     def choose_k(self, decoding: DecodingSettings) -> KChoice | None:
-        """How the next reply picks K; None when the user chose standard mode."""
-        if decoding.mode != "speculative":
+        """How the next reply picks K; None when the user chose standard mode, or when there is no draft
+        (`standard_only` says why)."""
+        if decoding.mode != "speculative" or self.pair.draft is None:
             return None
         return self.tracker.choose(decoding.k, decoding.auto_k)

@@ -1,4 +1,5 @@
-"""A loaded pair's vocabulary sizes against its tokenizer (issue 11, defect 4).
+"""A loaded pair's vocabulary sizes against its tokenizer (issue 11, defect 4), and a draft that cannot be
+loaded (load_pair(draft_fallback=True): standard decoding only).
 
 A model whose embedding has fewer rows than the ids its tokenizer produces passed the tokenizer
 check and crashed later with an IndexError (in calibration, or at the first prompt with a high id).
@@ -9,9 +10,17 @@ one-line IncompatibleModelsError. Tiny Llama folders as in tests/test_models.py.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from chatapp import cli
-from chatapp.models import IncompatibleModelsError, check_vocab_sizes, load_pair, tokenizer_span
+from chatapp.models import (
+    IncompatibleModelsError,
+    ModelLoadError,
+    check_vocab_sizes,
+    load_pair,
+    loading,
+    tokenizer_span,
+)
 from chatapp.service import ChatService
 from chatapp.settings import DecodingSettings
 from tests.test_models import model_settings, save_folder, tiny_llama, tok  # noqa: F401  (tok: a fixture)
@@ -72,3 +81,56 @@ def test_the_command_line_says_it_in_one_line(folders, capsys):
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the draft '") and "token embeddings" in err[-1]
+
+
+# --- a draft that cannot be loaded: standard decoding only, when the caller asks for it -------------------
+
+
+@pytest.mark.parametrize("draft", ["missing", "short"])
+def test_a_draft_that_cannot_load_is_an_error_unless_the_caller_falls_back(folders, tmp_path, draft):
+    spec = str(tmp_path / "no-such-model") if draft == "missing" else str(folders["short"])
+    settings = model_settings(target=str(folders["full"]), draft=spec, device="cpu")
+    with pytest.raises(ModelLoadError):
+        load_pair(settings, lambda message: None)
+    said: list[str] = []
+    pair = load_pair(settings, said.append, draft_fallback=True)
+    assert pair.draft is None and pair.draft_error.startswith("the draft could not be loaded: ")
+    assert "\n" not in pair.draft_error and spec in pair.draft_error
+    assert pair.compatibility == f"no draft: {pair.draft_error}"
+    assert any(line.startswith("warning: the draft could not be loaded") for line in said)
+
+
+def test_a_draft_that_fails_while_building_falls_back(folders, monkeypatch):
+    def broken(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(loading, "_build_draft", broken)
+    settings = model_settings(target=str(folders["full"]), device="cpu")
+    with pytest.raises(torch.OutOfMemoryError):
+        load_pair(settings, lambda message: None)
+    pair = load_pair(settings, lambda message: None, draft_fallback=True)
+    assert pair.draft is None and "CUDA out of memory" in pair.draft_error
+
+
+def test_the_target_never_falls_back(folders):
+    settings = model_settings(target=str(folders["short"]), draft=str(folders["full"]), device="cpu")
+    with pytest.raises(IncompatibleModelsError, match="^the target '"):
+        load_pair(settings, lambda message: None, draft_fallback=True)
+
+
+def test_the_service_runs_standard_decoding_without_a_draft_and_says_why(folders, tmp_path):
+    spec = str(tmp_path / "no-such-model")
+    pair = load_pair(model_settings(target=str(folders["full"]), draft=spec, device="cpu"), lambda message: None,
+                     draft_fallback=True)
+    service = ChatService(pair)
+    assert service.context == pair.target.max_positions and service.standard_only.startswith(
+        "standard decoding only: the draft could not be loaded: "
+    )
+    assert service.calibrate(new_tokens=4) is not None
+    history = [{"role": "user", "content": "the quick brown fox"}]
+    turn = service.start_turn(history, DecodingSettings(max_new_tokens=8, auto_k=True))
+    list(turn)
+    assert turn.stats.mode == "standard" and turn.k_choice is None and turn.notice == service.standard_only
+    standard = service.start_turn(history, DecodingSettings(max_new_tokens=8, mode="standard"), fresh=True)
+    list(standard)
+    assert standard.notice is None and [t.id for t in standard.tokens] == [t.id for t in turn.tokens]

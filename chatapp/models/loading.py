@@ -49,11 +49,11 @@ from typing import Any
 import torch
 
 from .. import graph_llama, llama
-from ..errors import progress_to_stderr
+from ..errors import one_line, progress_to_stderr
 from ..kernels import cpu_kernels
 from ..lm import DecoderLM, HFDecoderLM, ModelInfo, count_weights
 from .cache import Progress
-from .errors import ModelLoadError, load_error
+from .errors import MESSAGE_LIMIT, ModelLoadError, load_error
 from .specs import display_name, resolve_model
 from .tokenizers import check_compatible, check_vocab_sizes, load_tokenizer
 
@@ -67,13 +67,15 @@ GRAPH, KERNELS, HF = "graph", "kernels", "hf"  # the decoders choose_decoder pic
 
 @dataclass
 class ModelPair:
-    """What load_pair returns: two DecoderLMs over one vocabulary, and the target's tokenizer."""
+    """What load_pair returns: two DecoderLMs over one vocabulary, and the target's tokenizer.
+    `draft` is None only when load_pair(draft_fallback=True) could not load it; `draft_error` says why."""
 
     target: DecoderLM
-    draft: DecoderLM
+    draft: DecoderLM | None
     tokenizer: Any
     compatibility: str
     load_s: float
+    draft_error: str = ""
 
 
 # --- devices, dtypes, quantization ------------------------------------------------
@@ -276,30 +278,60 @@ def _draft_source(settings, target_spec: str, target_folder: Path, tokenizer, pl
     return folder, draft_spec, check_compatible(tokenizer, draft_tokenizer, target_spec, draft_spec)
 
 
-def load_pair(model_settings, progress: Progress | None = None) -> ModelPair:
-    """Load the target and the draft that `model_settings` ([model] settings) describe."""
+def _draft_failed(error: Exception, say: Progress) -> str:
+    """The one line that says why the draft is missing; the memory it took is given back."""
+    _free()
+    why = f"the draft could not be loaded: {one_line(error, limit=MESSAGE_LIMIT)}"
+    say(f"warning: {why}; standard decoding only")
+    return why
+
+
+def load_pair(model_settings, progress: Progress | None = None, *, draft_fallback: bool = False) -> ModelPair:
+    """Load the target and the draft that `model_settings` ([model] settings) describe.
+
+    A draft that cannot be loaded (not found, another vocabulary, too few embeddings, out of memory,
+    ...) is an error, unless draft_fallback: then the pair has draft=None and draft_error says why,
+    for a caller that can run standard decoding only (ChatService can). The target never falls back."""
     say = progress or progress_to_stderr("specchat")
     start = time.perf_counter()
     plan = _plan(model_settings)
     target_spec = model_settings.target.strip()
     target_folder = resolve_model(target_spec, say, trust_remote_code=plan.trust_remote_code)
     tokenizer = load_tokenizer(target_folder, plan.trust_remote_code)
-    draft_folder, draft_spec, compatibility = _draft_source(
-        model_settings, target_spec, target_folder, tokenizer, plan, say
-    )
+    source, draft_error = None, ""
+    try:
+        source = _draft_source(model_settings, target_spec, target_folder, tokenizer, plan, say)
+    except ModelLoadError as error:
+        if not draft_fallback:
+            raise
+        draft_error = _draft_failed(error, say)
     say(f"loading {display_name(target_spec)} on {plan.device} in {_dtype_name(plan.dtype)}")
     target_model = _load_hf(target_folder, plan.dtype, plan.device, plan.trust_remote_code)
     target = _wrap(target_model, target_spec, plan.device, None)
+    check_vocab_sizes(tokenizer, target.vocab_size, None, target_spec, "")
     copy_of_target = not model_settings.draft.strip()
     taken = isinstance(target, graph_llama.GraphLlamaLM)  # its layers now live in `target`
     copy_source = target_model if copy_of_target and not taken else None
-    say(f"preparing the draft ({plan.quantization})")
-    draft = _build_draft(plan, draft_spec, draft_folder, copy_of_target, copy_source, target, say)
-    del target_model, copy_source  # the wrappers keep only what they use
+    del target_model  # the wrappers keep only what they use
+    draft = None
+    if source is not None:
+        draft_folder, draft_spec, compatibility = source
+        say(f"preparing the draft ({plan.quantization})")
+        try:
+            draft = _build_draft(plan, draft_spec, draft_folder, copy_of_target, copy_source, target, say)
+            check_vocab_sizes(tokenizer, target.vocab_size, draft.vocab_size, target_spec, draft_spec)
+        except Exception as error:
+            if not draft_fallback:
+                raise
+            draft, copy_source = None, None
+            draft_error = _draft_failed(error, say)
+    del copy_source
     _free()
-    check_vocab_sizes(tokenizer, target.vocab_size, draft.vocab_size, target_spec, draft_spec)
     for lm in {id(target): target, id(draft): draft}.values():
+        if lm is None:
+            continue
         _cap_context(lm, plan.max_context)
         if isinstance(lm, graph_llama.GraphLlamaLM):
             lm.info.extra["compile_s"] = round(lm.prepare(say), 1)
-    return ModelPair(target, draft, tokenizer, compatibility, time.perf_counter() - start)
+    compatibility = source[2] if draft is not None else f"no draft: {draft_error}"
+    return ModelPair(target, draft, tokenizer, compatibility, time.perf_counter() - start, draft_error)

@@ -71,19 +71,24 @@ def tokenizer_span(tokenizer) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
-def check_vocab_sizes(tokenizer, target_vocab: int, draft_vocab: int, target_name: str, draft_name: str) -> None:
-    """Raise IncompatibleModelsError unless both models have a row for every id the tokenizer produces.
+def check_vocab_sizes(
+    tokenizer, target_vocab: int, draft_vocab: int | None, target_name: str, draft_name: str
+) -> None:
+    """Raise IncompatibleModelsError unless both models (the target alone when draft_vocab is None)
+    have a row for every id the tokenizer produces.
 
     The models' vocabulary sizes (embedding rows) may differ from each other -- padded vocabularies
     are common, and the engine decodes over the smaller one -- but not fall short of the tokenizer:
     a prompt or a reply with a higher id would index past the embedding mid-reply."""
     span = tokenizer_span(tokenizer)
+    sizes = f"target '{target_name}' has {target_vocab}"
+    if draft_vocab is not None:
+        sizes += f", draft '{draft_name}' has {draft_vocab}"
     for role, name, size in (("target", target_name, target_vocab), ("draft", draft_name, draft_vocab)):
-        if size < span:
+        if size is not None and size < span:
             raise IncompatibleModelsError(
                 f"the {role} '{name}' has {size} token embeddings, but the tokenizer produces ids up to "
-                f"{span - 1} (target '{target_name}' has {target_vocab}, draft '{draft_name}' has {draft_vocab}); "
-                "the model folder's weights and tokenizer do not belong together"
+                f"{span - 1} ({sizes}); the model folder's weights and tokenizer do not belong together"
             )
 
 
