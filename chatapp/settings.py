@@ -29,7 +29,14 @@ __all__ = [
     "with_overrides",
 ]
 
-DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parent.parent / "settings.toml"
+# A checkout reads the settings.toml at its root. An installed wheel or a frozen bundle has no root: it
+# reads the copy the package carries (chatapp/default_settings.toml, kept identical by tests/test_packaging.py).
+_CHECKOUT = Path(__file__).resolve().parent.parent
+DEFAULT_SETTINGS_PATH = (
+    _CHECKOUT / "settings.toml"
+    if (_CHECKOUT / "settings.toml").is_file() and (_CHECKOUT / "pyproject.toml").is_file()
+    else Path(__file__).resolve().with_name("default_settings.toml")
+)
 ENV_PREFIX = "SPECCHAT_"
 CONFIG_ENV_VAR = ENV_PREFIX + "CONFIG"
 COMMAND_LINE = "command line"
