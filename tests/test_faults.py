@@ -9,6 +9,7 @@ raises, slows down or corrupts its logits on chosen forward calls.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -266,3 +267,33 @@ def test_the_service_applies_the_time_limit_from_the_settings(faulty_service, mo
     list(turn)
     assert turn.stats.stop_reason == "time limit" and turn.stats.new_tokens < 200
     assert turn.notice and "time limit of 0.3 s" in turn.notice
+
+
+# --- no user text or model output in logs ---------------------------------------------------------------
+
+CANARY = "zebra-canary-7431"
+
+
+def test_no_user_text_or_model_output_reaches_logs_or_the_terminal(faulty_service, caplog, capfd):
+    """The non-UI layers log nothing of what the user wrote or the model said, on the happy path and
+    on the faults (their error lines name fields and counts, never the text)."""
+    service, target = faulty_service, faulty_service.pair.target
+    caplog.set_level(logging.DEBUG)  # stricter than the default level (WARNING)
+    history = [{"role": "user", "content": f"{CANARY} the quick brown fox"}]
+    decoding = DecodingSettings(max_new_tokens=12, system_prompt=f"system {CANARY}")
+    turn = service.start_turn(history, decoding)
+    list(turn)
+    replies = [turn.text]
+    target.arm(2, torch.OutOfMemoryError("CUDA out of memory"))
+    turn = service.start_turn(history, decoding)
+    list(turn)
+    target.disarm()
+    errors = []
+    for bad in ([{"role": "user", "content": f"{CANARY} \ud800"}], [{"role": "user", "content": f"{CANARY} " * 5000}]):
+        with pytest.raises(ValueError) as caught:
+            service.start_turn(bad, decoding)
+        errors.append(str(caught.value))
+    out, err = capfd.readouterr()
+    seen = caplog.text + out + err + " ".join(errors) + (turn.notice or "")
+    assert CANARY not in seen
+    assert all(reply.strip() not in seen for reply in replies if len(reply.strip()) >= 6)
