@@ -18,6 +18,7 @@ from gradio_client import Client
 from chatapp import ui
 from chatapp.autok import AcceptanceTracker, KChoice
 from chatapp.settings import DEFAULT_SETTINGS_PATH, K_MAX, K_MIN, SettingsError, load_settings
+from chatapp.stats import expected_speedup
 from chatapp.ui.format import choice_text, stats_line, stats_title
 from chatapp.ui.sidebar import SIDEBAR_FIELDS, decoding_endpoint
 from fake_engine import DRAFT_STEP_S, PREFILL_S, VERIFY_STEP_S, FakeService, FakeTurn
@@ -124,8 +125,21 @@ def test_stats_tab_plots_the_conversation(client, fake):
     first, _ = chat(client, "one")
     second, _ = chat(client, "two", first["state"], mode="standard")
     stats = dict(zip(ui.STATS_OUTPUTS, client.predict(chat_state=second["state"], k=4, api_name="/stats")))
-    assert stats["turn_plot"]["type"] == stats["theory_plot"]["type"] == "matplotlib"
-    assert stats["turn_plot"]["plot"].startswith("data:image/")
+    # Native plots: the browser gets the points, not a picture.
+    turn_plot, theory_plot = stats["turn_plot"]["value"], stats["theory_plot"]["value"]
+    assert (turn_plot["mark"], theory_plot["mark"]) == ("line", "point")
+    assert set(stats["theory_plot"]["color_map"]) == {"theory, K=4", "measured replies, K=4"}
+    points = {(row[0], row[2]): row[1] for row in turn_plot["data"]}
+    records = [m["stats"] for m in second["state"]["messages"] if m["role"] == "assistant"]
+    assert points[(1, "acceptance rate")] == pytest.approx(records[0]["acceptance_rate"])
+    assert points[(1, "speedup vs standard decoding (×)")] == pytest.approx(records[0]["speedup"])
+    assert points[(2, "speedup vs standard decoding (×)")] == 1.0 and (2, "acceptance rate") not in points
+    theory = [row for row in theory_plot["data"] if row[2] == "theory, K=4"]
+    c = fake.tracker.cost_ratio
+    assert len(theory) == 51 and all(s == pytest.approx(expected_speedup(a, 4, c)) for a, s, _ in theory)
+    measured = [row for row in theory_plot["data"] if row[2] == "measured replies, K=4"]
+    assert measured == [[pytest.approx(records[0]["acceptance_rate"]), pytest.approx(records[0]["speedup"]),
+                         "measured replies, K=4"]]
     assert [row[1] for row in stats["turns_table"]["data"]] == ["speculative", "standard"]
     assert f"c = {fake.tracker.cost_ratio:.3f}" in stats["summary"]
     empty = dict(zip(ui.STATS_OUTPUTS, client.predict(chat_state=EMPTY, k=4, api_name="/stats")))

@@ -38,7 +38,7 @@ from .format import (
 )
 from .handle import ServiceHandle, Session, Sessions, UnavailableError
 from .state import EMPTY_STATE, clean_state, history, records, render_chat
-from .stats_tab import per_turn_figure, stats_summary, theory_figure, turns_frame
+from .stats_tab import reply_frame, stats_summary, theory_frame, turns_frame
 from .tokens import TokenView
 
 # What /chat, /regenerate, /clear and /restore return, in order (for API clients and tests).
@@ -270,9 +270,10 @@ class Handlers:
             replies = records(clean_state(chat_state)["messages"])
             service = self.handle.service
             c = service.tracker.cost_ratio if service is not None else AcceptanceTracker.PRIOR_COST_RATIO
+            theory, colors = theory_frame(replies, c, int(k or self.settings.decoding.k))
             return self.stats_out(
-                turn_plot=per_turn_figure(replies),
-                theory_plot=theory_figure(replies, c, int(k or self.settings.decoding.k)),
+                turn_plot=gr.LinePlot(reply_frame(replies), x_lim=None),
+                theory_plot=gr.ScatterPlot(theory, color_map=colors, x_lim=[0, 1]),
                 turns_table=turns_frame(replies),
                 summary=stats_summary(service, replies, int(k or self.settings.decoding.k)),
             )
@@ -280,6 +281,17 @@ class Handlers:
             line = one_line(error)
             gr.Warning(f"cannot draw the stats: {line}")
             return self.stats_out(summary=f"⚠ Cannot draw the stats: {line}")
+
+    @staticmethod
+    def zoom(selection: gr.SelectData) -> Any:
+        """A plot shows the x range dragged over."""
+        low, high = selection.index
+        return gr.update(x_lim=[low, high])
+
+    @staticmethod
+    def unzoom() -> Any:
+        """A plot shows all its points again."""
+        return gr.update(x_lim=None)
 
     def model_info(self) -> str:
         """The Model tab's text: both models, compatibility, load time (or the load progress/error)."""

@@ -21,13 +21,22 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from ..autok import AcceptanceTracker
 from ..settings import Settings, load_settings
 from .format import COMPARE_COLUMNS, NO_STATS, SPEEDUP_METHOD, model_markdown, model_status_line
 from .handle import ServiceHandle
 from .handlers import CHAT_OUTPUTS, COMPARE_OUTPUTS, MODEL_OUTPUTS, STATS_OUTPUTS, Handlers
 from .sidebar import SIDEBAR_FIELDS, build_sidebar, decoding_endpoint, without
 from .state import EMPTY_STATE, STORAGE_KEY
-from .stats_tab import stats_summary, turns_frame
+from .stats_tab import (
+    REPLY_COLORS,
+    REPLY_PLOT,
+    THEORY_PLOT,
+    reply_frame,
+    stats_summary,
+    theory_frame,
+    turns_frame,
+)
 
 GENERATION = "generation"  # the one concurrency slot that every model call shares
 SOURCE_COLORS = {  # token view categories -> colors (Gradio HighlightedText color_map)
@@ -66,7 +75,7 @@ def build_app(service_or_factory: Any, settings: Settings | None = None) -> gr.B
             page["status"] = gr.Markdown(model_status_line(handle), elem_id="model-status")
         with gr.Tabs():
             page.update(_chat_tab())
-            page.update(_stats_tab(handle))
+            page.update(_stats_tab(handle, settings.decoding.k))
             page.update(_compare_tab())
             with gr.Tab("Model", id="model"):
                 page["model"] = gr.Markdown(model_markdown(handle), elem_id="model-info")
@@ -117,14 +126,21 @@ def _token_legend() -> str:
     return "<div id='token-legend'>" + "".join(swatches) + "</div>"
 
 
-def _stats_tab(handle: ServiceHandle) -> dict[str, Any]:
+def _stats_tab(handle: ServiceHandle, settings_k: int) -> dict[str, Any]:
     with gr.Tab("Stats", id="stats") as tab:
         summary = gr.Markdown(stats_summary(handle.service, []), elem_id="stats-summary")
         gr.Markdown(SPEEDUP_METHOD, elem_id="stats-method")
         with gr.Row():
-            # Drawn when the tab is opened (matplotlib takes ~0.3 s a figure on a small CPU).
-            turn_plot = gr.Plot(None, show_label=False, elem_id="turn-plot")
-            theory_plot = gr.Plot(None, show_label=False, elem_id="theory-plot")
+            # Native plots: the browser draws them from the frames (drag over one to zoom, double-click back).
+            turn_plot = gr.LinePlot(reply_frame([]), **REPLY_PLOT, color_map=REPLY_COLORS, elem_id="turn-plot",
+                                    title="Per reply: acceptance rate and speedup", x_title="reply in this conversation",
+                                    y_title="acceptance rate (fraction) · speedup (×)", tooltip="all", height=340,
+                                    buttons=["fullscreen", "export"])
+            theory_plot = gr.ScatterPlot(theory_frame([], AcceptanceTracker.PRIOR_COST_RATIO, settings_k)[0],
+                                         **THEORY_PLOT, elem_id="theory-plot", height=340,
+                                         title="Measured vs theory: S(a) = (1 − a^(K+1)) / ((1 − a)(1 + K·c))",
+                                         x_title="acceptance rate a", y_title="speedup vs standard decoding (×)",
+                                         x_lim=[0, 1], tooltip="all", buttons=["fullscreen", "export"])
         turns_table = gr.Dataframe(turns_frame([]), label="Replies in this conversation", interactive=False,
                                    elem_id="turns-table")
     return dict(stats_tab=tab, summary=summary, turn_plot=turn_plot, theory_plot=theory_plot,
@@ -187,6 +203,9 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
           api_name="compare", show_progress_on=[page["standard"], page["speculative"]], **gen)
     demo.load(h.restore, [page["state"]], chat_out, api_name="restore", **quick)
     page["stats_tab"].select(h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", **quick)
+    for plot in (page["turn_plot"], page["theory_plot"]):  # zoom to the dragged range; double-click: all of it
+        plot.select(h.zoom, None, plot, **hidden)
+        plot.double_click(h.unzoom, None, plot, **hidden)
     demo.load(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)
     gr.api(h.model_info, api_name="model_info", queue=False)
     page["timer"].tick(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)

@@ -1,11 +1,13 @@
 """What the Stats tab shows for one conversation: a table of its replies,
-two figures (per reply; measured vs theoretical speedup) and a summary of
+two plots (per reply; measured vs theoretical speedup) and a summary of
 what auto K currently knows.
 
 Contract: functions of the replies' records (`service.Turn.record()`, as
 stored in the browser) and of the service's `tracker` (autok's
-AcceptanceTracker); they return a pandas DataFrame, matplotlib Figures (no
-pyplot: thread-safe, no GUI backend) or Markdown. No Gradio here.
+AcceptanceTracker); they return pandas DataFrames (the table, and the long
+frames that Gradio's native plots draw in the browser: zoomable, no image
+sent) or Markdown. No Gradio here: the layout says which columns a plot
+draws (the *_PLOT constants).
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ from ..stats import expected_speedup
 from .format import choice_text, pct
 
 TURN_COLUMNS = ["turn", "mode", "K", "K chosen", "tokens", "acceptance", "accepted/round", "tok/s", "speedup", "stop"]
-ACCEPTANCE_COLOR, SPEEDUP_COLOR, BASELINE_COLOR = "#16a34a", "#4f46e5", "#64748b"
-THEORY_COLORS = ["#4f46e5", "#059669", "#ea580c", "#db2777"]  # one per K drawn (the last four used)
+# The plots' long frames: one row per point, the series in a column (the plot's color).
+REPLY_PLOT = dict(x="reply", y="value", color="series")
+THEORY_PLOT = dict(x="acceptance rate", y="speedup", color="series")
+ACCEPTANCE, SPEEDUP, STANDARD = "acceptance rate", "speedup vs standard decoding (×)", "standard decoding (1×)"
+REPLY_COLORS = {ACCEPTANCE: "#16a34a", SPEEDUP: "#4f46e5", STANDARD: "#94a3b8"}
+# One hue per K drawn (the last four used): the theory light, the measured replies dark.
+THEORY_COLORS = [("#a5b4fc", "#3730a3"), ("#6ee7b7", "#065f46"), ("#fdba74", "#9a3412"), ("#f9a8d4", "#9d174d")]
+THEORY_STEP = 0.02  # the theory curve's spacing in acceptance rate
 
 
 def _turn_row(number: int, r: dict) -> list:
@@ -44,81 +52,39 @@ def turns_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([_turn_row(i, r) for i, r in enumerate(records, 1)], columns=TURN_COLUMNS)
 
 
-def _plot_speedups(right: Any, records: list[dict]) -> list[float]:
-    """The speedup line, with a marker per reply showing its mode; returns the speedups drawn."""
-    points = [(i, r["speedup"], r["mode"]) for i, r in enumerate(records, 1) if r.get("speedup") is not None]
-    if points:
-        right.plot([x for x, _, _ in points], [y for _, y, _ in points], color=SPEEDUP_COLOR, lw=2,
-                   label="speedup (right)")
-    for mode, marker in (("speculative", "s"), ("standard", "D")):
-        pts = [(x, y) for x, y, m in points if m == mode]
-        if pts:
-            fill = SPEEDUP_COLOR if mode == "speculative" else "white"
-            right.scatter(*zip(*pts), color=fill, edgecolor=SPEEDUP_COLOR, marker=marker, s=45, zorder=3,
-                          label=f"{mode} reply")
-    return [y for _, y, _ in points]
+def reply_frame(records: list[dict]) -> pd.DataFrame:
+    """Per reply: its acceptance rate (speculative replies) and its speedup, and the 1× line of standard
+    decoding, as (reply, value, series, mode) rows for a line plot."""
+    rows = []
+    for i, r in enumerate(records, 1):
+        if r.get("acceptance_rate") is not None:
+            rows.append((i, float(r["acceptance_rate"]), ACCEPTANCE, r["mode"]))
+        if r.get("speedup") is not None:
+            rows.append((i, float(r["speedup"]), SPEEDUP, r["mode"]))
+    if records:
+        rows += [(1, 1.0, STANDARD, "standard"), (max(2, len(records)), 1.0, STANDARD, "standard")]
+    return pd.DataFrame(rows, columns=[REPLY_PLOT["x"], REPLY_PLOT["y"], REPLY_PLOT["color"], "mode"])
 
 
-def per_turn_figure(records: list[dict]):
-    """Acceptance rate (left axis) and speedup (right axis) of every reply in the conversation."""
-    # matplotlib on first use only (the Stats tab opened): importing it adds ~0.6 s to the app's start-up.
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=100)  # a fixed layout: constrained layout doubles the drawing time
-    fig.subplots_adjust(left=0.12, right=0.88, top=0.92, bottom=0.12)
-    ax = fig.subplots()
-    right = ax.twinx()
-    acceptance = [(i, r["acceptance_rate"]) for i, r in enumerate(records, 1) if r.get("acceptance_rate") is not None]
-    if acceptance:
-        ax.plot(*zip(*acceptance), color=ACCEPTANCE_COLOR, marker="o", lw=2, label="acceptance rate (left)")
-    speedups = _plot_speedups(right, records)
-    right.axhline(1.0, color=BASELINE_COLOR, ls="--", lw=1)
-    ax.set_ylim(0, 1.05)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    right.set_ylim(0, max([2.0] + [y * 1.15 for y in speedups]))
-    ax.set_xlim(0.5, max(1, len(records)) + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("reply in this conversation")
-    ax.set_ylabel("acceptance rate", color=ACCEPTANCE_COLOR)
-    right.set_ylabel("speedup vs standard decoding (×)", color=SPEEDUP_COLOR)
-    ax.set_title("Per reply: acceptance rate and speedup", fontsize=10)
-    ax.grid(alpha=0.3)
-    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    if handles:
-        ax.legend(handles=handles, fontsize=8, loc="lower left")
-    else:
-        ax.text(0.5, 0.5, "no replies yet", ha="center", va="center", transform=ax.transAxes, color=BASELINE_COLOR)
-    return fig
-
-
-def theory_figure(records: list[dict], cost_ratio: float, default_k: int):
-    """Expected speedup vs acceptance rate for the measured c and the Ks used, with the measured turns."""
-    from matplotlib.figure import Figure  # on first use only, as above
-
+def theory_frame(records: list[dict], cost_ratio: float, default_k: int) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The theory's speedup S(a) = (1 − a^(K+1)) / ((1 − a)(1 + K·c)) over the acceptance rate, for the
+    measured c and each K used (the last four; `default_k` when none), with the measured speculative
+    replies as points beside it; and the color of each series."""
     spec = [r for r in records if r["mode"] == "speculative" and r.get("k")]
     ks = sorted({int(r["k"]) for r in spec})[-len(THEORY_COLORS):] or [int(default_k)]
-    fig = Figure(figsize=(7.2, 4.2), dpi=100)
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)
-    ax = fig.subplots()
-    grid = [i / 100 for i in range(101)]
-    for color, k in zip(THEORY_COLORS, ks):
-        ax.plot(grid, [expected_speedup(a, k, cost_ratio) for a in grid], color=color, lw=2, label=f"theory, K={k}")
-        measured = [r for r in spec if int(r["k"]) == k and r.get("acceptance_rate") is not None
-                    and r.get("speedup") is not None]
-        if measured:
-            ax.scatter([r["acceptance_rate"] for r in measured], [r["speedup"] for r in measured], color=color,
-                       edgecolor="black", s=55, zorder=3, label=f"measured turns, K={k}")
-    ax.axhline(1.0, color=BASELINE_COLOR, ls="--", lw=1, label="standard decoding (1×)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("acceptance rate a")
-    ax.set_ylabel("speedup vs standard decoding")
-    formula = "S(a) = (1 − a^(K+1)) / ((1 − a)(1 + K·c))"
-    ax.set_title(f"Measured vs theoretical speedup: {formula}, c = {cost_ratio:.3f}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    return fig
+    steps = round(1 / THEORY_STEP)
+    rows, colors = [], {}
+    for (light, dark), k in zip(THEORY_COLORS, ks):
+        curve, measured = f"theory, K={k}", f"measured replies, K={k}"
+        colors[curve], colors[measured] = light, dark
+        rows += [(i / steps, expected_speedup(i / steps, k, cost_ratio), curve) for i in range(steps + 1)]
+        rows += [
+            (float(r["acceptance_rate"]), float(r["speedup"]), measured)
+            for r in spec
+            if int(r["k"]) == k and r.get("acceptance_rate") is not None and r.get("speedup") is not None
+        ]
+    columns = [THEORY_PLOT["x"], THEORY_PLOT["y"], THEORY_PLOT["color"]]
+    return pd.DataFrame(rows, columns=columns), colors
 
 
 def _plural(count: int, word: str) -> str:
