@@ -105,10 +105,14 @@ def test_chat_in_the_browser(page):
 
     _screenshot(page, "browser-chat.png")
 
-    # The Stats tab draws its plots when opened.
+    # The Stats tab draws its plots when opened: in the browser, from the points, with every series.
     page.get_by_role("tab", name="Stats").click()
-    page.locator("#theory-plot img").wait_for(state="visible")
-    page.locator("#turn-plot img").wait_for(state="visible")
+    _wait_text(page, "#turn-plot", "Acceptance rate of 2 replies, speedup of 2")
+    _wait_text(page, "#theory-plot", "measured replies: 2 at K = 4")
+    for plot, series in (("#turn-plot", "speedup vs standard"), ("#theory-plot", "measured replies, K=4")):
+        page.locator(f"{plot} svg").first.wait_for(state="visible")
+        _wait_text(page, plot, series)  # the legend
+    _screenshot(page, "browser-stats.png")
     _wait_text(page, "#turns-table", "speculative")
 
     # The chat is kept in the browser: a reload brings it back.

@@ -128,7 +128,6 @@ def test_stats_tab_plots_the_conversation(client, fake):
     # Native plots: the browser gets the points, not a picture.
     turn_plot, theory_plot = stats["turn_plot"]["value"], stats["theory_plot"]["value"]
     assert (turn_plot["mark"], theory_plot["mark"]) == ("line", "point")
-    assert set(stats["theory_plot"]["color_map"]) == {"theory, K=4", "measured replies, K=4"}
     points = {(row[0], row[2]): row[1] for row in turn_plot["data"]}
     records = [m["stats"] for m in second["state"]["messages"] if m["role"] == "assistant"]
     assert points[(1, "acceptance rate")] == pytest.approx(records[0]["acceptance_rate"])
@@ -142,6 +141,11 @@ def test_stats_tab_plots_the_conversation(client, fake):
                          "measured replies, K=4"]]
     assert [row[1] for row in stats["turns_table"]["data"]] == ["speculative", "standard"]
     assert f"c = {fake.tracker.cost_ratio:.3f}" in stats["summary"]
+    # Then the captions, which name every series drawn (the browser redraws a legend when they change).
+    turn_caption, theory = handlers_over(fake).plot_captions(second["state"], 4)
+    assert turn_caption["caption"].startswith("Acceptance rate of 1 reply, speedup of 2 (1× = standard")
+    assert f"for K = 4 at the measured c = {c:.3f}; measured replies: 1 at K = 4." in theory["caption"]
+    assert set(theory["color_map"]) == {"theory, K=4", "measured replies, K=4"}
     empty = dict(zip(ui.STATS_OUTPUTS, client.predict(chat_state=EMPTY, k=4, api_name="/stats")))
     assert empty["turns_table"]["data"] == [] and "0 replies" in empty["summary"]
 
@@ -277,6 +281,13 @@ def test_restore_reads_records_saved_by_the_previous_version(client):
     assert [row[1:4] for row in restored["turns_table"]["data"]] == [
         ["speculative", "6", "auto (a=0.91, c=0.30)"], ["standard", "—", "—"]
     ]
+
+
+def handlers_over(fake):
+    from chatapp.ui.handle import ServiceHandle
+    from chatapp.ui.handlers import Handlers
+
+    return Handlers(ServiceHandle(fake), SETTINGS)
 
 
 # --- bad input ------------------------------------------------------------------------

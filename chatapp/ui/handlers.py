@@ -38,7 +38,7 @@ from .format import (
 )
 from .handle import ServiceHandle, Session, Sessions, UnavailableError
 from .state import EMPTY_STATE, clean_state, history, records, render_chat
-from .stats_tab import reply_frame, stats_summary, theory_frame, turns_frame
+from .stats_tab import reply_caption, reply_frame, stats_summary, theory_caption, theory_frame, turns_frame
 from .tokens import TokenView
 
 # What /chat, /regenerate, /clear and /restore return, in order (for API clients and tests).
@@ -273,7 +273,7 @@ class Handlers:
             theory, colors = theory_frame(replies, c, int(k or self.settings.decoding.k))
             return self.stats_out(
                 turn_plot=gr.LinePlot(reply_frame(replies), x_lim=None),
-                theory_plot=gr.ScatterPlot(theory, color_map=colors, x_lim=[0, 1]),
+                theory_plot=gr.ScatterPlot(theory, x_lim=[0, 1]),  # its colors come with the caption
                 turns_table=turns_frame(replies),
                 summary=stats_summary(service, replies, int(k or self.settings.decoding.k)),
             )
@@ -281,6 +281,19 @@ class Handlers:
             line = one_line(error)
             gr.Warning(f"cannot draw the stats: {line}")
             return self.stats_out(summary=f"⚠ Cannot draw the stats: {line}")
+
+    def plot_captions(self, chat_state: Any, k: Any) -> tuple:
+        """The Stats tab's plot captions (and the theory's colors), sent after their points: a caption that
+        changes makes the browser redraw the plot's legend for the series it now has (see stats_tab)."""
+        try:
+            replies = records(clean_state(chat_state)["messages"])
+            service = self.handle.service
+            c = service.tracker.cost_ratio if service is not None else AcceptanceTracker.PRIOR_COST_RATIO
+            theory, colors = theory_frame(replies, c, int(k or self.settings.decoding.k))
+            return (gr.update(caption=reply_caption(reply_frame(replies))),
+                    gr.update(caption=theory_caption(theory, c), color_map=colors))
+        except Exception:  # the points are drawn already; a caption is not worth an error
+            return gr.skip(), gr.skip()
 
     @staticmethod
     def zoom(selection: gr.SelectData) -> Any:

@@ -21,22 +21,13 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from ..autok import AcceptanceTracker
 from ..settings import Settings, load_settings
 from .format import COMPARE_COLUMNS, NO_STATS, SPEEDUP_METHOD, model_markdown, model_status_line
 from .handle import ServiceHandle
 from .handlers import CHAT_OUTPUTS, COMPARE_OUTPUTS, MODEL_OUTPUTS, STATS_OUTPUTS, Handlers
 from .sidebar import SIDEBAR_FIELDS, build_sidebar, decoding_endpoint, without
 from .state import EMPTY_STATE, STORAGE_KEY
-from .stats_tab import (
-    REPLY_COLORS,
-    REPLY_PLOT,
-    THEORY_PLOT,
-    reply_frame,
-    stats_summary,
-    theory_frame,
-    turns_frame,
-)
+from .stats_tab import REPLY_COLORS, REPLY_PLOT, THEORY_PLOT, stats_summary, turns_frame
 
 GENERATION = "generation"  # the one concurrency slot that every model call shares
 SOURCE_COLORS = {  # token view categories -> colors (Gradio HighlightedText color_map)
@@ -75,7 +66,7 @@ def build_app(service_or_factory: Any, settings: Settings | None = None) -> gr.B
             page["status"] = gr.Markdown(model_status_line(handle), elem_id="model-status")
         with gr.Tabs():
             page.update(_chat_tab())
-            page.update(_stats_tab(handle, settings.decoding.k))
+            page.update(_stats_tab(handle))
             page.update(_compare_tab())
             with gr.Tab("Model", id="model"):
                 page["model"] = gr.Markdown(model_markdown(handle), elem_id="model-info")
@@ -126,19 +117,19 @@ def _token_legend() -> str:
     return "<div id='token-legend'>" + "".join(swatches) + "</div>"
 
 
-def _stats_tab(handle: ServiceHandle, settings_k: int) -> dict[str, Any]:
+def _stats_tab(handle: ServiceHandle) -> dict[str, Any]:
     with gr.Tab("Stats", id="stats") as tab:
         summary = gr.Markdown(stats_summary(handle.service, []), elem_id="stats-summary")
         gr.Markdown(SPEEDUP_METHOD, elem_id="stats-method")
         with gr.Row():
             # Native plots: the browser draws them from the frames (drag over one to zoom, double-click back).
-            turn_plot = gr.LinePlot(reply_frame([]), **REPLY_PLOT, color_map=REPLY_COLORS, elem_id="turn-plot",
+            # No points until the tab is opened (the browser draws a native plot for the series it first sees).
+            turn_plot = gr.LinePlot(None, **REPLY_PLOT, color_map=REPLY_COLORS, elem_id="turn-plot",
                                     title="Per reply: acceptance rate and speedup", x_title="reply in this conversation",
-                                    y_title="acceptance rate (fraction) · speedup (×)", tooltip="all", height=340,
+                                    y_title="rate (fraction) · speedup (×)", tooltip="all",
                                     buttons=["fullscreen", "export"])
-            theory_plot = gr.ScatterPlot(theory_frame([], AcceptanceTracker.PRIOR_COST_RATIO, settings_k)[0],
-                                         **THEORY_PLOT, elem_id="theory-plot", height=340,
-                                         title="Measured vs theory: S(a) = (1 − a^(K+1)) / ((1 − a)(1 + K·c))",
+            theory_plot = gr.ScatterPlot(None, **THEORY_PLOT, elem_id="theory-plot",
+                                         title="Measured speedup vs the theory's",
                                          x_title="acceptance rate a", y_title="speedup vs standard decoding (×)",
                                          x_lim=[0, 1], tooltip="all", buttons=["fullscreen", "export"])
         turns_table = gr.Dataframe(turns_frame([]), label="Replies in this conversation", interactive=False,
@@ -202,8 +193,10 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
           [page["prompt"], *(sidebar[name] for name in compare_fields)], _pick(page, COMPARE_OUTPUTS),
           api_name="compare", show_progress_on=[page["standard"], page["speculative"]], **gen)
     demo.load(h.restore, [page["state"]], chat_out, api_name="restore", **quick)
-    page["stats_tab"].select(h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", **quick)
-    for plot in (page["turn_plot"], page["theory_plot"]):  # zoom to the dragged range; double-click: all of it
+    plots = [page["turn_plot"], page["theory_plot"]]
+    page["stats_tab"].select(h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", **quick).then(
+        h.plot_captions, [page["state"], sidebar["k"]], plots, **hidden)
+    for plot in plots:  # zoom to the dragged range; double-click: all of it
         plot.select(h.zoom, None, plot, **hidden)
         plot.double_click(h.unzoom, None, plot, **hidden)
     demo.load(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)

@@ -8,6 +8,11 @@ AcceptanceTracker); they return pandas DataFrames (the table, and the long
 frames that Gradio's native plots draw in the browser: zoomable, no image
 sent) or Markdown. No Gradio here: the layout says which columns a plot
 draws (the *_PLOT constants).
+
+The captions name every series a plot draws, so that they change whenever
+the series do: Gradio 6.31's native plot keeps the color legend it was
+first drawn with until one of its settings (such as the caption) changes,
+so the Stats tab sends the points first and then the caption.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def reply_frame(records: list[dict]) -> pd.DataFrame:
             rows.append((i, float(r["speedup"]), SPEEDUP, r["mode"]))
     if records:
         rows += [(1, 1.0, STANDARD, "standard"), (max(2, len(records)), 1.0, STANDARD, "standard")]
-    return pd.DataFrame(rows, columns=[REPLY_PLOT["x"], REPLY_PLOT["y"], REPLY_PLOT["color"], "mode"])
+    frame = pd.DataFrame(rows, columns=[REPLY_PLOT["x"], REPLY_PLOT["y"], REPLY_PLOT["color"], "mode"])
+    return frame.astype({REPLY_PLOT["x"]: "int64", REPLY_PLOT["y"]: "float64"})  # numbers even when empty
 
 
 def theory_frame(records: list[dict], cost_ratio: float, default_k: int) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -84,7 +90,37 @@ def theory_frame(records: list[dict], cost_ratio: float, default_k: int) -> tupl
             if int(r["k"]) == k and r.get("acceptance_rate") is not None and r.get("speedup") is not None
         ]
     columns = [THEORY_PLOT["x"], THEORY_PLOT["y"], THEORY_PLOT["color"]]
-    return pd.DataFrame(rows, columns=columns), colors
+    frame = pd.DataFrame(rows, columns=columns).astype({THEORY_PLOT["x"]: "float64", THEORY_PLOT["y"]: "float64"})
+    return frame, colors
+
+
+ZOOM_HINT = "Drag over the plot to zoom; double-click to see all."
+
+
+def _count(frame: pd.DataFrame, series: str) -> int:
+    return int((frame[REPLY_PLOT["color"]] == series).sum())
+
+
+def reply_caption(frame: pd.DataFrame) -> str:
+    """What the per-reply plot shows, in words that name each series it draws (see plot_captions)."""
+    acceptance, speedup = _count(frame, ACCEPTANCE), _count(frame, SPEEDUP)
+    if not acceptance and not speedup:
+        return "No replies yet."
+    return (f"Acceptance rate of {_plural(acceptance, 'reply')}, speedup of {speedup} (1× = standard decoding). "
+            f"{ZOOM_HINT}")
+
+
+def theory_caption(frame: pd.DataFrame, cost_ratio: float) -> str:
+    """What the theory plot shows, in words that name each series it draws (see plot_captions)."""
+    series = list(dict.fromkeys(frame[THEORY_PLOT["color"]]))
+    ks = [name.removeprefix("theory, K=") for name in series if name.startswith("theory")]
+    measured = [f"{_count(frame, name)} at K = {name.removeprefix('measured replies, K=')}"
+                for name in series if name.startswith("measured")]
+    return (
+        f"The theory S(a) = (1 − a^(K+1)) / ((1 − a)(1 + K·c)) for K = {', '.join(ks)} at the measured "
+        f"c = {cost_ratio:.3f}; measured replies: "
+        f"{', '.join(measured) or 'none yet'}. {ZOOM_HINT}"
+    )
 
 
 def _plural(count: int, word: str) -> str:
