@@ -17,7 +17,7 @@ stay on, and no stop flag is ever written.
     reply_seconds(...)  how long a reply may hold the GPU: start-up + max_new_tokens at a conservative rate
     calibrate_at_load() False on ZeroGPU: no GPU at load to measure with
     compile_allowed()   False on ZeroGPU: it has no torch.compile
-    STOPS               Stop requests that reach a reply running in the forked worker
+    STOPS               Stop and Clear requests that reach a reply running in the forked worker
 
 What follows from the fork: a reply's Python objects (its Turn, the session
 it runs in, what auto K learns) live in the worker, not in the process whose
@@ -30,12 +30,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import importlib.util
 import math
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,11 +97,15 @@ DECORATED: dict[str, Decorated] = {}  # qualified name -> the latest gpu() appli
 
 def _spaces_gpu() -> Callable[..., Any] | None:
     """spaces.GPU, or None where the package is not installed (desktop installs need not have it)."""
-    if importlib.util.find_spec("spaces") is None:
+    try:
+        spaces = importlib.import_module("spaces")
+    except ModuleNotFoundError as error:
+        if error.name != "spaces":  # `spaces` is there but broken: say so
+            raise
         if on_zerogpu():
             raise RuntimeError("SPACES_ZERO_GPU is set but the `spaces` package is not installed (pip install spaces)")
         return None
-    return importlib.import_module("spaces").GPU
+    return spaces.GPU
 
 
 def gpu(duration: float | Callable[..., float]) -> Callable[[Callable], Callable]:
@@ -126,13 +129,26 @@ def reply_seconds(max_new_tokens: int, runs: int = 1, tokens_per_s: float = CONS
     return int(min(MAX_DURATION_S, max(MIN_DURATION_S, math.ceil(needed))))
 
 
+def max_new_tokens_of(args: tuple, kwargs: dict) -> int:
+    """The reply length a handler's arguments ask for: a DecodingSettings among them, else a settings mapping
+    with "max_new_tokens" (an API client's), else the default settings'."""
+    values = (*args, *kwargs.values())
+    decoding = next((a for a in values if isinstance(a, DecodingSettings)), None)
+    if decoding is not None:
+        return decoding.max_new_tokens
+    for value in values:
+        if isinstance(value, Mapping) and "max_new_tokens" in value:
+            with contextlib.suppress(TypeError, ValueError):
+                return max(1, int(value["max_new_tokens"]))
+    return DecodingSettings().max_new_tokens
+
+
 def gpu_reply(runs: int = 1) -> Callable[[Callable], Callable]:
-    """gpu() for a handler that generates `runs` replies; its duration comes from the DecodingSettings among
-    its arguments (the default settings' max_new_tokens when there is none)."""
+    """gpu() for a handler that generates `runs` replies, its duration from the reply length its arguments ask
+    for (max_new_tokens_of)."""
 
     def duration(*args: Any, **kwargs: Any) -> int:
-        decoding = next((a for a in (*args, *kwargs.values()) if isinstance(a, DecodingSettings)), None)
-        return reply_seconds((decoding or DecodingSettings()).max_new_tokens, runs)
+        return reply_seconds(max_new_tokens_of(args, kwargs), runs)
 
     return gpu(duration)
 
@@ -140,11 +156,22 @@ def gpu_reply(runs: int = 1) -> Callable[[Callable], Callable]:
 # --- Stop across the fork ---------------------------------------------------------------------
 
 
+STOP, CLEAR = "stop", "clear"  # why a reply is asked to end: Clear also means "do not write the chat back"
+
+
+@dataclass
+class StopWatch:
+    """What a watched reply was asked: None, STOP or CLEAR (set when the request arrived)."""
+
+    reason: str | None = None
+
+
 class StopFlags:
-    """Stop requests that cross the process boundary: one flag file per session key in a folder named once,
-    at import, in the process that serves the page (a forked worker inherits the name). `request(key)`
-    raises the flag; `watch(key, turn)` runs while a reply streams and calls `turn.stop()` within
-    STOP_POLL_S of the flag going up. Off ZeroGPU both do nothing: Stop reaches the Turn directly there."""
+    """Stop requests that cross the process boundary: one flag file per session key, holding the reason, in a
+    folder named once at import in the process that serves the page (a forked worker inherits the name).
+    `request(key, reason)` raises the flag; `watch(key, turn)` runs while a reply streams and calls
+    `turn.stop()` within STOP_POLL_S of the flag going up. Off ZeroGPU both do nothing: Stop and Clear
+    reach the Turn and the session directly there."""
 
     def __init__(self, folder: Path | None = None, enabled: Callable[[], bool] = on_zerogpu):
         self.folder = folder or Path(tempfile.gettempdir()) / f"specchat-stops-{os.getpid()}"
@@ -153,39 +180,52 @@ class StopFlags:
     def _flag(self, key: str) -> Path:
         return self.folder / hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    def request(self, key: str) -> bool:
-        """Ask the reply of session `key` to stop; False when there is nothing to do (off ZeroGPU)."""
+    def request(self, key: str, reason: str = STOP) -> bool:
+        """Ask the reply of session `key` to end; False when there is nothing to do (off ZeroGPU)."""
         if not self._enabled():
             return False
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._flag(key).touch()
+        flag = self._flag(key)
+        partial = flag.parent / f"{flag.name}.{os.getpid()}.tmp"
+        partial.write_text(reason)
+        os.replace(partial, flag)  # the watcher never reads half a reason
         return True
 
-    def requested(self, key: str) -> bool:
-        return self._flag(key).exists()
+    def requested(self, key: str) -> str | None:
+        """The reason of the pending request for `key`, or None."""
+        try:
+            return self._flag(key).read_text() or STOP
+        except FileNotFoundError:
+            return None
 
     def clear(self, key: str) -> None:
         self._flag(key).unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def watch(self, key: str, turn: Any) -> Iterator[None]:
-        """While inside, a stop request for `key` stops `turn` (after its current round, as Stop does)."""
+    def watch(self, key: str, turn: Any, on_clear: Callable[[], None] | None = None) -> Iterator[StopWatch]:
+        """While inside, a request for `key` stops `turn` (after its current round, as Stop does), calling
+        `on_clear()` first when the request is a Clear; the StopWatch yielded says which request came."""
+        seen = StopWatch()
         if not self._enabled():
-            yield
+            yield seen
             return
         self.clear(key)  # a request from before this reply began is not about it
         done = threading.Event()
 
         def poll() -> None:
             while not done.wait(STOP_POLL_S):
-                if self.requested(key):
+                reason = self.requested(key)
+                if reason:
                     self.clear(key)
+                    seen.reason = CLEAR if CLEAR in (seen.reason, reason) else reason
+                    if reason == CLEAR and on_clear is not None:
+                        on_clear()
                     turn.stop()
 
         watcher = threading.Thread(target=poll, name="specchat-stop-watch", daemon=True)
         watcher.start()
         try:
-            yield
+            yield seen
         finally:
             done.set()
             watcher.join()

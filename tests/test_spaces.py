@@ -291,6 +291,9 @@ def test_on_zerogpu_replies_are_wrapped_with_a_duration_that_fits_them(monkeypat
     assert wrapped.duration("hi", {}, long, None) == zerogpu.reply_seconds(2048)
     assert compare.duration("hi", {}, decoding=long) == zerogpu.reply_seconds(2048, runs=2)
     assert wrapped.duration("hi", {}) == zerogpu.reply_seconds(DecodingSettings().max_new_tokens)
+    # An API client's settings object (a mapping) counts too; what cannot be read falls back to the default.
+    assert wrapped.duration("hi", [], {"max_new_tokens": 2048}) == zerogpu.reply_seconds(2048)
+    assert wrapped.duration("hi", [], {"max_new_tokens": "many"}) == wrapped.duration("hi", [])
     assert not zerogpu.calibrate_at_load() and not zerogpu.compile_allowed()
 
 
@@ -316,44 +319,57 @@ class Turn:
         self.stopped.set()
 
 
-def _reply_in_a_worker(flags: zerogpu.StopFlags, key: str, started, result) -> None:
-    turn = Turn()
-    with flags.watch(key, turn):
+def _reply_in_a_worker(flags: zerogpu.StopFlags, key: str, started, result, reason) -> None:
+    turn, cleared = Turn(), []
+    with flags.watch(key, turn, on_clear=lambda: cleared.append(turn.stopped.is_set())) as seen:
         started.set()
         t0 = time.perf_counter()
         while not turn.stopped.is_set() and time.perf_counter() - t0 < 10:  # the rounds of a reply
             time.sleep(0.01)
     result.value = time.perf_counter() - t0 if turn.stopped.is_set() else -1.0
+    reason.value = (seen.reason or "").encode() + (b"+cb" if cleared == [False] else b"")  # on_clear before stop()
 
 
 def test_stop_reaches_a_reply_running_in_a_forked_worker(tmp_path):
     flags = zerogpu.StopFlags(tmp_path / "stops", enabled=lambda: True)
     flags.request("session-a")  # a request from before the reply began is not about it
     fork = multiprocessing.get_context("fork")  # how ZeroGPU starts its workers
-    started, result = fork.Event(), fork.Value("d", 0.0)
-    worker = fork.Process(target=_reply_in_a_worker, args=(flags, "session-a", started, result))
+    started, result, reason = fork.Event(), fork.Value("d", 0.0), fork.Array("c", 16)
+    worker = fork.Process(target=_reply_in_a_worker, args=(flags, "session-a", started, result, reason))
     worker.start()
     try:
         assert started.wait(10)
         time.sleep(0.3)
-        assert not flags.requested("session-a"), "the stale request must have been cleared"
+        assert flags.requested("session-a") is None, "the stale request must have been cleared"
         asked = time.perf_counter()
-        assert flags.request("session-a")
+        assert flags.request("session-a", zerogpu.CLEAR)
         worker.join(10)
         assert worker.exitcode == 0
         assert 0.3 <= result.value and time.perf_counter() - asked < 2.0  # stopped on request, promptly
-        assert not flags.requested("session-a")
+        assert reason.value == b"clear+cb" and flags.requested("session-a") is None
     finally:
         worker.kill()
+
+
+def test_a_stop_request_names_its_reason(tmp_path):
+    flags = zerogpu.StopFlags(tmp_path / "stops", enabled=lambda: True)
+    assert flags.requested("s") is None
+    flags.request("s")
+    assert flags.requested("s") == zerogpu.STOP and flags.requested("other") is None
+    flags.request("s", zerogpu.CLEAR)
+    assert flags.requested("s") == zerogpu.CLEAR
+    assert sorted(path.name for path in (tmp_path / "stops").iterdir()) == [flags._flag("s").name]  # no leftovers
+    flags.clear("s")
+    assert flags.requested("s") is None
 
 
 def test_off_zerogpu_stop_flags_do_nothing(tmp_path):
     flags = zerogpu.StopFlags(tmp_path / "stops", enabled=lambda: False)
     turn = Turn()
     assert flags.request("s") is False and not (tmp_path / "stops").exists()
-    with flags.watch("s", turn):
+    with flags.watch("s", turn) as seen:
         pass
-    assert not turn.stopped.is_set()
+    assert not turn.stopped.is_set() and seen.reason is None
 
 
 # --- ZeroGPU simulated: import and load touch no CUDA ---------------------------------------------
@@ -373,6 +389,11 @@ PROBE = textwrap.dedent('''
     torch.cuda.init = recorder("init", torch.cuda.init)
     torch.cuda._lazy_init = recorder("lazy_init", torch.cuda._lazy_init)
     torch.cuda.is_available = recorder("is_available", torch.cuda.is_available)
+
+    def calls_gpu(fn):
+        """Whether an endpoint is, or calls, a function spaces.GPU wrapped (the stand-in marks them)."""
+        cells = [getattr(cell, "cell_contents", None) for cell in (getattr(fn, "__closure__", None) or ())]
+        return any(hasattr(f, "zerogpu") for f in (fn, *cells))
 
     app = runpy.run_path(sys.argv[1], run_name="space_app")["main"].__globals__
     at_import = {name: len(found) for name, found in calls.items()}
@@ -406,7 +427,8 @@ PROBE = textwrap.dedent('''
         "loaded_in_main_thread": threads, "forwards_at_load": forwards_at_load,
         "forwards_in_calibration": len(forwards) - forwards_at_load,
         "baseline_at_load": baseline_at_load, "decorated": sorted(zerogpu.DECORATED),
-        "wrapped_endpoints": sorted(fn.name for fn in demo.fns.values() if hasattr(fn.fn, "zerogpu")),
+        "endpoints": sorted(str(fn.api_name) for fn in demo.fns.values()),
+        "wrapped_endpoints": sorted(str(fn.api_name) for fn in demo.fns.values() if calls_gpu(fn.fn)),
     }))
 ''')
 
@@ -442,8 +464,12 @@ def test_zerogpu_import_and_load_touch_no_cuda(zerogpu_probe):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="waits for chatapp/ui to wrap its reply handlers with zerogpu.gpu_reply")
 def test_zerogpu_reply_handlers_are_decorated(zerogpu_probe):
-    assert {"Handlers.chat", "Handlers.regenerate", "Handlers.compare"} <= set(zerogpu_probe["decorated"])
-    assert {"chat", "regenerate", "compare"} <= set(zerogpu_probe["wrapped_endpoints"])
+    # Every endpoint that runs the models: the page's chat (/send, or /chat before the plain API took that
+    # name), the plain /chat, /regenerate and /compare.
+    generating = {"chat", "send", "regenerate", "compare"} & set(zerogpu_probe["endpoints"])
+    assert {"chat", "regenerate", "compare"} <= generating
+    assert generating <= set(zerogpu_probe["wrapped_endpoints"]), "each must call a function spaces.GPU wrapped"
+    assert zerogpu_probe["decorated"]
 
 
 # --- the bundle served as a Space would serve it ----------------------------------------------------
@@ -496,6 +522,26 @@ def listening(pid: int, port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
+def stream_replies(client, message: str, greedy: dict) -> list[tuple[str, dict, int]]:
+    """(text, stats record, streamed updates) of one reply through each chat endpoint the UI has: the page's
+    chat (/send, or /chat before the plain API took that name: message, chat_state and the sidebar's fields
+    -> the chat outputs, the stored chat third) and the plain /chat for programs (message, history,
+    settings -> reply, stats) where there is one."""
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    plain = "history" in {p["parameter_name"] for p in endpoints["/chat"]["parameters"]}
+    results = []
+    job = client.submit(message=message, chat_state={"messages": []}, api_name="/send" if plain else "/chat",
+                        **greedy)
+    reply = job.result(timeout=180)[2]["messages"][-1]
+    assert reply["role"] == "assistant"
+    results.append((reply["content"], reply["stats"], len(job.outputs())))
+    if plain:
+        job = client.submit(message=message, history=[], settings=greedy, api_name="/chat")
+        text, record = job.result(timeout=180)
+        results.append((text, record, len(job.outputs())))
+    return results
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_bundle_starts_as_a_space_and_streams_a_reply_and_a_comparison(bundle):
@@ -524,13 +570,9 @@ def test_the_bundle_starts_as_a_space_and_streams_a_reply_and_a_comparison(bundl
         assert log.wait(r"target embedded:smollm2-135m-instruct", 1)
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
         greedy = dict(temperature=0.0, max_new_tokens=16, k=4, seed=0)
-        job = client.submit(message="Name three primary colors.", chat_state={"messages": []}, api_name="/chat",
-                            **greedy)
-        final = job.result(timeout=180)
-        updates = job.outputs()
-        reply = final[2]["messages"][-1]  # CHAT_OUTPUTS: chatbot, message, state, ...
-        assert reply["role"] == "assistant" and reply["content"].strip() and len(updates) >= 3
-        assert reply["stats"]["mode"] == "speculative" and reply["stats"]["new_tokens"] > 0
+        for text, record, updates in stream_replies(client, "Name three primary colors.", greedy):
+            assert text.strip() and updates >= 3, (text, updates)
+            assert record["mode"] == "speculative" and record["new_tokens"] > 0
         standard, speculative, table, verdict = client.predict(prompt="Name three primary colors.",
                                                                api_name="/compare", **greedy)
         assert standard.strip() and standard == speculative, (standard, speculative)
