@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--share", action="store_true", default=None)
     serve.add_argument("--no-browser", action="store_true")
+    serve.add_argument("--openai-api", action="store_true", default=None, dest="openai_api",
+                       help="also serve the OpenAI-compatible POST /v1/chat/completions")
 
     gen = sub.add_parser("generate", help="answer one prompt in the terminal")
     _model_flags(gen)
@@ -106,6 +108,7 @@ def _settings(args):
         "server.port": getattr(args, "port", None),
         "server.share": getattr(args, "share", None),
         "server.open_browser": False if getattr(args, "no_browser", False) else None,
+        "server.openai_api": getattr(args, "openai_api", None),
     }
     settings = load_settings(args.config, overrides=overrides)
     if getattr(args, "preset", None):
@@ -211,7 +214,7 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
 
 
-SERVE_ONLY_FLAGS = ("--host", "--share", "--no-browser")
+SERVE_ONLY_FLAGS = ("--host", "--share", "--no-browser", "--openai-api")
 
 
 def _default_command(flags: list[str]) -> str:

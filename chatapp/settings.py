@@ -58,6 +58,9 @@ SEED_MAX = 2**64 - 1  # torch generators take an unsigned 64-bit seed
 # oldest turns would be dropped anyway.
 HISTORY_MESSAGES_MAX = 10_000
 HISTORY_CHARS_MAX = 2_000_000
+# The longest message a client may send (the system prompt too): some 25,000 tokens, past the context
+# of the models this app runs, so it refuses nothing that could have been answered.
+MESSAGE_CHARS_MAX = 100_000
 
 
 class SettingsError(ValueError):
@@ -94,6 +97,9 @@ class ServerSettings:
     port: int = 7860
     share: bool = False
     open_browser: bool = True
+    max_queue: int = 32  # requests that may wait for a reply; past it a client is told the server is busy
+    allow_remote_images: bool = False  # Markdown images from other addresses load in the chat (a tracking channel)
+    openai_api: bool = False  # serve the OpenAI-compatible /v1/chat/completions too
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,7 @@ _RULES: dict[str, _Rule] = {
     "decoding.max_new_tokens": _between(1, MAX_NEW_TOKENS_MAX),
     "decoding.seed": _between(0, SEED_MAX),
     "server.port": _between(1, 65535),
+    "server.max_queue": _between(1, 10_000),
     "limits.max_reply_seconds": _between(0, 86_400),
 }
 

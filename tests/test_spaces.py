@@ -36,7 +36,7 @@ from chatapp.settings import DecodingSettings, SettingsError, load_settings
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "packaging/spaces/build.sh"
 APP = ROOT / "packaging/spaces/app.py"
-TEST_ONLY = {"pytest", "playwright", "ruff", "coverage"}
+TEST_ONLY = {"pytest", "playwright", "ruff", "coverage", "openai"}
 
 # A stand-in for `spaces` on simulated ZeroGPU: spaces.GPU(duration=...) returns a recorded wrapper.
 FAKE_SPACES = '''

@@ -61,8 +61,8 @@ def client(served, fake):
     return served[1]
 
 
-def chat(client, message, state=None, api="/chat", **settings):
-    args = {"message": message} if api == "/chat" else {}
+def chat(client, message, state=None, api="/send", **settings):
+    args = {"message": message} if api == "/send" else {}
     job = client.submit(chat_state=state or EMPTY, api_name=api, **args, **settings)
     final = dict(zip(ui.CHAT_OUTPUTS, job.result(timeout=30)))
     return final, [dict(zip(ui.CHAT_OUTPUTS, out)) for out in job.outputs()]
@@ -221,7 +221,7 @@ def test_auto_k_may_choose_standard_decoding_and_says_so(client, fake, monkeypat
 
 def test_stop_ends_the_reply_within_a_round_and_the_next_one_works(client, fake):
     fake.delay = 0.05  # ~30 rounds in standard mode: 1.5 s
-    job = client.submit(message="long one", chat_state=EMPTY, mode="standard", api_name="/chat")
+    job = client.submit(message="long one", chat_state=EMPTY, mode="standard", api_name="/send")
     deadline = time.monotonic() + 15
     while len(job.outputs()) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -364,13 +364,14 @@ def test_api_endpoints_keep_their_names_and_parameters(served):
     api = served[0].get_api_info()["named_endpoints"]
     sidebar = ["system_prompt", "mode", "k", "auto_k", "temperature", "top_p", "top_k", "max_new_tokens", "seed"]
     expected = {
-        "/chat": ["message", "chat_state", *sidebar], "/regenerate": ["chat_state", *sidebar],
+        "/chat": ["message", "history", "settings"],  # for other programs: no browser state (tests/test_api.py)
+        "/send": ["message", "chat_state", *sidebar], "/regenerate": ["chat_state", *sidebar],
         "/compare": ["prompt", *(name for name in sidebar if name != "mode")], "/stats": ["chat_state", "k"],
         "/restore": ["chat_state"], "/clear": [], "/stop": [], "/model_info": [],
     }
     assert {name: [p["parameter_name"] for p in e["parameters"]] for name, e in api.items()} == expected
-    assert [len(api[name]["returns"]) for name in ("/chat", "/stats", "/compare")] == [8, 4, 4]
-    k = next(p for p in api["/chat"]["parameters"] if p["parameter_name"] == "k")
+    assert [len(api[name]["returns"]) for name in ("/send", "/stats", "/compare", "/chat")] == [8, 4, 4, 2]
+    k = next(p for p in api["/send"]["parameters"] if p["parameter_name"] == "k")
     assert k["type"]["description"] == f"numeric value between {K_MIN} and {K_MAX}"
 
 

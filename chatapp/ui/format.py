@@ -129,7 +129,7 @@ def _head(record: dict, bold, markdown: bool) -> list[str]:
     if record["mode"] == "speculative":
         per_round = record.get("mean_accepted_per_round")
         return [
-            ("⚡ " if markdown else "") + bold("speculative"),
+            ("⚡ " if markdown else "") + bold("speculative") + _fallback_text(record),
             k_text(record),
             f"acceptance {bold(pct(record.get('acceptance_rate')))}",
             "n/a accepted/round" if per_round is None else f"{per_round:.2f} accepted/round",
@@ -141,6 +141,11 @@ def _head(record: dict, bold, markdown: bool) -> list[str]:
     title = ("◎ " if markdown else "") + bold("standard") + f" ({how or 'target only'})"
     return [title, *([] if how else ["K n/a"]), "acceptance n/a", tps, *_present(first_token_text(record)),
             _speedup_text(record, bold)]
+
+
+def _fallback_text(record: dict) -> str:
+    """Said after "speculative" when the draft failed and the target finished the reply alone."""
+    return ", finished in standard mode (the draft failed)" if record.get("fallback") else ""
 
 
 def _present(*parts: str | None) -> list[str]:
@@ -184,7 +189,8 @@ def stats_title(record: dict) -> str:
     if record["mode"] == "speculative":
         how = "" if choice is None else " auto" if choice.auto else " fixed"
         acceptance = pct(record.get("acceptance_rate"))
-        return f"⚡ speculative · K={record.get('k')}{how} · {acceptance} accepted · {tps:.1f} tok/s{speed}"
+        then = " → standard" if record.get("fallback") else ""
+        return f"⚡ speculative{then} · K={record.get('k')}{how} · {acceptance} accepted · {tps:.1f} tok/s{speed}"
     how = " (auto K)" if choice is not None and choice.auto else ""
     return f"◎ standard{how} · {tps:.1f} tok/s{speed}"
 

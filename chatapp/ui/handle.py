@@ -4,17 +4,20 @@ session keeps between calls (its running reply, for Stop; Clear's epoch).
 Contract: `ServiceHandle` wraps a ready ChatService-like object, or builds
 one with `factory(progress)` in a background thread so that the page is up
 at once; handlers call `require()` (the service, or `UnavailableError` with a
-one-line reason). `Sessions.get(request)` returns the `Session` of a Gradio
-request (keyed by its session hash). Neither knows anything about Gradio's
-components or about what a service does.
+one-line reason). Its `slot` is the one generation slot: every reply, from the
+page, the Gradio API or the OpenAI-compatible API, runs while holding it.
+`Sessions.get(request)` returns the `Session` of a Gradio request (keyed by
+its session hash). None of them knows anything about Gradio's components or
+about what a service does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +34,82 @@ class UnavailableError(RuntimeError):
     """The models are still loading or failed to load."""
 
 
+class BusyError(RuntimeError):
+    """Too many requests already wait for the generation slot."""
+
+
+class Cancelled(RuntimeError):
+    """The request was stopped (or its client left) before it got the generation slot."""
+
+
+class GenerationSlot:
+    """One reply at a time: the models, their caches and the kept prefix are shared.
+
+    Gradio's queue already runs the page's and the Gradio API's replies one at
+    a time (concurrency id GENERATION, where waiting users see their place);
+    this lock is what they share with requests from outside that queue (the
+    OpenAI-compatible API). `hold(cancelled)` waits for it in a thread,
+    `acquire_async(cancelled)` / `release()` in an event loop; both give up
+    with Cancelled as soon as `cancelled()` says so, and refuse with BusyError
+    when `max_waiting` others already wait."""
+
+    POLL_S = 0.05  # how often a waiter looks at `cancelled`
+
+    def __init__(self, max_waiting: int | None = None):
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    @property
+    def full(self) -> bool:
+        """As many requests wait as may: the next one is refused."""
+        return self.max_waiting is not None and self.busy and self.waiting >= self.max_waiting
+
+    def _enter(self) -> None:
+        with self._count:
+            if self.full:
+                raise BusyError(f"the server is busy: {self.waiting} requests already wait for a reply; "
+                                "try again later")
+            self.waiting += 1
+
+    def _leave(self) -> None:
+        with self._count:
+            self.waiting -= 1
+
+    @contextmanager
+    def hold(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[None]:
+        self._enter()
+        try:
+            while not self._lock.acquire(timeout=self.POLL_S):
+                if cancelled():
+                    raise Cancelled("stopped before the reply started")
+        finally:
+            self._leave()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def acquire_async(self, cancelled: Callable[[], Awaitable[bool]]) -> None:
+        """Wait for the slot without a thread (an event loop's request); `release()` when done."""
+        self._enter()
+        try:
+            while not self._lock.acquire(blocking=False):
+                if await cancelled():
+                    raise Cancelled("the client left before the reply started")
+                await asyncio.sleep(self.POLL_S)
+        finally:
+            self._leave()
+
+    def release(self) -> None:
+        self._lock.release()
+
+
 class ServiceHandle:
     """A service that is ready, or being built by `factory(progress)` in a thread."""
 
@@ -45,6 +124,7 @@ class ServiceHandle:
         self._factory = factory
         self._echo = echo  # also print progress and errors to stderr (`main.py serve`)
         self._thread: threading.Thread | None = None
+        self.slot = GenerationSlot()
         self.started = time.perf_counter()
         self.ready_s: float | None = 0.0 if service is not None else None
 
@@ -117,6 +197,7 @@ def _load_failure(error: Exception) -> str:
 class Session:
     turn: Any = None  # the running turn, for Stop
     epoch: int = 0  # bumped by Clear: a reply started before it does not write back
+    stops: int = 0  # bumped by Stop: a request sent before it and not yet started does not start
     last_seen: float = 0.0
 
     @contextmanager
@@ -136,6 +217,11 @@ class Session:
                 self.turn = None
 
 
+def session_key(request: Any) -> str:
+    """A Gradio request's session (its session hash); "default" without one."""
+    return getattr(request, "session_hash", None) or "default"
+
+
 class Sessions:
     """Per-browser-session bookkeeping, keyed by Gradio's session hash."""
 
@@ -144,7 +230,7 @@ class Sessions:
         self._sessions: dict[str, Session] = {}
 
     def get(self, request: Any) -> Session:
-        key = getattr(request, "session_hash", None) or "default"
+        key = session_key(request)
         with self._lock:
             session = self._sessions.get(key)
             if session is None:

@@ -10,6 +10,13 @@ DecodingSettings (sidebar.decoding_endpoint builds it from the inputs).
 
 Every handler catches its own errors and shows one line (a gr.Warning toast
 plus a notice line); no traceback ever reaches the page.
+
+What a client sends is untrusted (chatapp.ui.intake): a reply's prompt is
+built by `prepare_chat` / `prepare_regenerate`, which the layout runs as the
+events' validators, before the request joins the queue for the generation
+slot; the handler takes it from the desk (or builds it, when nothing did).
+A Stop pressed before a reply starts keeps it from starting. Every reply
+holds the handle's generation slot while it runs.
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ from .format import (
     model_status_line,
     stats_line,
 )
-from .handle import ServiceHandle, Session, Sessions, UnavailableError
-from .state import EMPTY_STATE, clean_state, history, records, render_chat
+from .handle import BusyError, Cancelled, ServiceHandle, Session, Sessions, UnavailableError, session_key
+from .intake import Admission, Prepared, PromptDesk, RequestError, build_prompt, check_message, prepare, prompt_key
+from .markdown import without_remote_content
+from .sidebar import decoding_settings
+from .state import clean_state, history, records, render_chat
 from .stats_tab import reply_caption, reply_frame, stats_summary, theory_caption, theory_frame, turns_frame
 from .tokens import TokenView
 
@@ -69,10 +79,30 @@ def _warn(line: str) -> str:
 
 
 def _start_failure(error: Exception) -> str:
-    # Bad input (too long, bad settings) and "not loaded" say enough; anything else is named.
-    if isinstance(error, (ValueError, UnavailableError)):
+    # Bad input (too long, bad settings), "not loaded" and "busy" say enough; anything else is named.
+    if isinstance(error, (ValueError, UnavailableError, BusyError, Cancelled)):
         return one_line(error)
     return f"{type(error).__name__}: {one_line(error)}"
+
+
+def _last_stats_line(replies: list[dict]) -> str:
+    try:
+        return stats_line(replies[-1]) if replies else NO_STATS
+    except Exception:  # a stored record this version cannot put in words: no stats line rather than no chat
+        return NO_STATS
+
+
+def _user_messages(message: Any, chat_state: Any) -> list[dict]:
+    """The stored chat and the new message (RequestError for a message that is not text or too large)."""
+    return clean_state(chat_state)["messages"] + [{"role": "user", "content": check_message(message)}]
+
+
+def _without_reply(chat_state: Any) -> list[dict]:
+    """The stored chat up to its last user message (what Regenerate answers again)."""
+    messages = clean_state(chat_state)["messages"]
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return messages
 
 
 class Handlers:
@@ -86,49 +116,64 @@ class Handlers:
         self.chat_out, self.stats_out = Outputs(CHAT_OUTPUTS), Outputs(STATS_OUTPUTS)
         self.compare_out = Outputs(COMPARE_OUTPUTS)
         self._compares = itertools.count()  # Compare alternates which decoding runs first
+        self.desk = PromptDesk()  # prompts built before their request queued (see prepare_chat)
+        self.admission = Admission(settings.server.max_queue)  # the layout tells it the queue's length
+        self.remote_images = settings.server.allow_remote_images
 
     # --- chat ----------------------------------------------------------------------
 
     def chat(self, message: str, chat_state: Any, decoding: DecodingSettings, request: gr.Request = None):
         """Send `message`; streams the reply. `chat_state` is the stored chat ({"messages": [...]})."""
         session = self.sessions.get(request)
-        text = message or ""
+        try:
+            messages = _user_messages(message, chat_state)
+        except RequestError as error:  # not text, or too large: the box keeps what was typed
+            yield self._failed(error, "Not sent: ")
+            return
+        text = messages[-1]["content"]
         if not text.strip():
             yield self._failed("the message is empty: type something first")
             return
-        messages = clean_state(chat_state)["messages"] + [{"role": "user", "content": text}]
+        yield from self._reply(session, request, messages, decoding, "Not sent: ", clear_box=True, message=text)
+
+    def prepare_chat(self, message: Any, chat_state: Any, decoding: DecodingSettings,
+                     request: gr.Request = None) -> None:
+        """/send's validator: build the prompt before the request queues (the handler refuses what fails)."""
         try:
-            turn = self._start(messages, decoding)
-        except Exception as error:
-            yield self._failed(_start_failure(error), "Not sent: ", message=text)
-            return
-        yield from self._stream(session, messages, turn, clear_box=True)
+            self._prepare(request, _user_messages(message, chat_state), decoding)
+        except RequestError:
+            pass
 
     def refuse_chat(self, error: Exception, message: str, chat_state: Any) -> tuple:
-        return self._failed(error, "Not sent: ", message=message or "")
+        return self._failed(error, "Not sent: ", message=message if isinstance(message, str) else gr.skip())
 
     def regenerate(self, chat_state: Any, decoding: DecodingSettings, request: gr.Request = None):
         """Answer the last user message again (the last reply is replaced)."""
         session = self.sessions.get(request)
-        messages = clean_state(chat_state)["messages"]
-        while messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
+        messages = _without_reply(chat_state)
         if not messages:
             yield self._failed("nothing to regenerate yet")
             return
-        try:
-            turn = self._start(messages, decoding)
-        except Exception as error:
-            yield self._failed(_start_failure(error), "Cannot regenerate: ")
-            return
-        yield from self._stream(session, messages, turn, clear_box=False)
+        yield from self._reply(session, request, messages, decoding, "Cannot regenerate: ", clear_box=False)
+
+    def prepare_regenerate(self, chat_state: Any, decoding: DecodingSettings, request: gr.Request = None) -> None:
+        """/regenerate's validator: as prepare_chat."""
+        messages = _without_reply(chat_state)
+        if messages:
+            self._prepare(request, messages, decoding)
+
+    def prepare_compare(self, prompt: Any, decoding: DecodingSettings, request: gr.Request = None) -> None:
+        """/compare's validator has nothing to build (one short message, a fresh prompt per run)."""
 
     def refuse_regenerate(self, error: Exception, chat_state: Any) -> tuple:
         return self._failed(error, "Cannot regenerate: ")
 
     def stop(self, request: gr.Request = None) -> str:
-        """Stop this session's running reply after its current round."""
-        turn = self.sessions.get(request).turn
+        """Stop this session's running reply after its current round; a reply of this session that has
+        not started yet (its prompt being built, or waiting in the queue) does not start."""
+        session = self.sessions.get(request)
+        session.stops += 1
+        turn = session.turn
         if turn is None:
             return "Nothing is being generated."
         try:
@@ -146,25 +191,71 @@ class Handlers:
         return self._chat_view([], tokens=[], notice="")
 
     def restore(self, chat_state: Any) -> tuple:
-        """Show the chat stored in the browser (on page load)."""
+        """Show the chat stored in the browser (on page load). What cannot be read is left out (a reply
+        whose record is unreadable keeps its text); should showing it fail, the stored chat stays as it is."""
         try:
             return self._chat_view(clean_state(chat_state)["messages"], tokens=[], notice="")
         except Exception as error:
-            return self.chat_out(notice=f"⚠ Could not restore the saved chat: {one_line(error)}", state=EMPTY_STATE)
+            return self.chat_out(notice=f"⚠ Could not show the saved chat: {one_line(error)}")
 
     def _failed(self, error: BaseException | str, prefix: str = "", **extra: Any) -> tuple:
         return self.chat_out(notice=_warn(f"{prefix}{one_line(error)}"), **extra)
 
-    def _start(self, messages: list[dict], decoding: DecodingSettings) -> Any:
-        return self.handle.require().start_turn(history(messages), decoding)
+    def _prepare(self, request: Any, messages: list[dict], decoding: DecodingSettings) -> None:
+        """Build the prompt of a reply to `messages` now, for its handler to take."""
+        session = self.sessions.get(request)
+        key = prompt_key(messages, decoding)
+        self.desk.put(key, prepare(session_key(request), session.stops, lambda: self._build(messages, decoding)))
+
+    def _build(self, messages: list[dict], decoding: DecodingSettings) -> Any:
+        return build_prompt(self.handle.require(), history(messages), decoding)
+
+    def _prepared(self, request: Any, session: Session, messages: list[dict], decoding: DecodingSettings) -> Prepared:
+        """The request's prompt from its validator, or built now (its validator did not run)."""
+        mine = session_key(request)
+        return self.desk.take(prompt_key(messages, decoding), mine, session.stops) or prepare(
+            mine, session.stops, lambda: self._build(messages, decoding))
+
+    def _reply(self, session: Session, request: Any, messages: list[dict], decoding: DecodingSettings,
+               refused: str, clear_box: bool, **kept: Any) -> Iterator[tuple]:
+        """Answer `messages`: the prepared prompt, then the slot, then the reply streamed; `refused`
+        starts the line of a reply that could not start (`kept` outputs are left as given)."""
+        prepared = self._prepared(request, session, messages, decoding)
+        failure = prepared.error
+        if failure is None:
+            try:
+                with self.handle.slot.hold(cancelled=lambda: session.stops != prepared.stops):
+                    if session.stops != prepared.stops:
+                        raise Cancelled("stopped before the reply started")
+                    try:
+                        turn = self._start(messages, decoding, prepared.prompt)
+                    except Exception as error:
+                        failure = error
+                    else:
+                        yield from self._stream(session, messages, turn, clear_box)
+            except (Cancelled, BusyError) as error:
+                failure = error
+        if failure is not None:
+            yield self._failed(_start_failure(failure), "■ " if isinstance(failure, Cancelled) else refused, **kept)
+
+    def _start(self, messages: list[dict], decoding: DecodingSettings, prompt: Any = None) -> Any:
+        built = {} if prompt is None else {"prompt": prompt}
+        return self.handle.require().start_turn(history(messages), decoding, **built)
+
+    def _render(self, messages: list[dict], streaming: str | None = None, notice: str | None = None) -> list[dict]:
+        return render_chat(messages, streaming, notice, remote_images=self.remote_images)
+
+    def _shown(self, text: str) -> str:
+        """Model text for a Markdown pane: without remote images unless the settings allow them."""
+        return text if self.remote_images else without_remote_content(text)
 
     def _chat_view(self, messages: list[dict], **extra: Any) -> tuple:
         """Every chat output for a finished conversation (`extra` overrides)."""
         replies = records(messages)
         values = {
-            "chatbot": render_chat(messages),
+            "chatbot": self._render(messages),
             "state": {"messages": messages},
-            "stats": stats_line(replies[-1]) if replies else NO_STATS,
+            "stats": _last_stats_line(replies),
             "turns_table": turns_frame(replies),
             "summary": stats_summary(self.handle.service, replies),
         }
@@ -187,7 +278,7 @@ class Handlers:
                 if turn.notice:
                     gr.Info(turn.notice)
                 yield self.chat_out(
-                    chatbot=render_chat(messages, "", turn.notice), message="" if clear_box else gr.skip(),
+                    chatbot=self._render(messages, "", turn.notice), message="" if clear_box else gr.skip(),
                     stats=live_line(turn.stats), tokens=[], notice=f"ℹ {turn.notice}" if turn.notice else "",
                 )
                 for event in events:
@@ -195,7 +286,7 @@ class Handlers:
                     if session.epoch != epoch:  # cleared meanwhile: end the reply, show nothing more
                         turn.stop()
                         continue
-                    yield self.chat_out(chatbot=render_chat(messages, turn.text, turn.notice),
+                    yield self.chat_out(chatbot=self._render(messages, turn.text, turn.notice),
                                         stats=live_line(turn.stats), tokens=pieces)
         except Exception as error:  # the engine failed mid-reply: keep what came, say why
             return error
@@ -208,6 +299,8 @@ class Handlers:
         notice = "■ Stopped: the reply is cut where it was." if record.get("stop_reason") == "stopped" else ""
         if turn.notice:
             notice = f"ℹ {turn.notice}"
+        if record.get("stop_reason") == "out of memory":  # the conversation before it is intact
+            notice = _warn(f"{turn.notice}; ↻ Regenerate tries this reply again")
         if error is not None:
             notice = _warn(f"generation failed: {one_line(error)}")
         return self._chat_view(messages, tokens=self.token_view(tokenizer, turn.tokens), notice=notice)
@@ -217,7 +310,12 @@ class Handlers:
     def compare(self, prompt: str, decoding: DecodingSettings, request: gr.Request = None):
         """Answer `prompt` with standard and with speculative decoding, one after the other; compare."""
         session = self.sessions.get(request)
-        if not (prompt or "").strip():
+        try:
+            prompt = check_message(prompt, "the prompt")
+        except RequestError as error:
+            yield self.refuse_compare(error, "")
+            return
+        if not prompt.strip():
             gr.Warning("the prompt is empty")
             yield self.compare_out(verdict="⚠ The prompt is empty.")
             return
@@ -230,10 +328,15 @@ class Handlers:
         yield self.compare_out(standard="", speculative="", table=None,
                                verdict=f"Running {order[0]} first, then {order[1]}…")
         turns: dict[str, Any] = {}
-        error = yield from self._compare_runs(service, session, prompt, decoding, order, turns)
+        stops = session.stops
+        try:
+            with self.handle.slot.hold(cancelled=lambda: session.stops != stops):
+                error = yield from self._compare_runs(service, session, prompt, decoding, order, turns)
+        except (Cancelled, BusyError) as refused:
+            error = refused
         yield self.compare_out(
-            standard=turns["standard"].text if "standard" in turns else "",
-            speculative=turns["speculative"].text if "speculative" in turns else "",
+            standard=self._shown(turns["standard"].text) if "standard" in turns else "",
+            speculative=self._shown(turns["speculative"].text) if "speculative" in turns else "",
             table=pd.DataFrame(compare_rows(turns, order), columns=COMPARE_COLUMNS),
             verdict=compare_verdict(turns, order, decoding.temperature, decoding.seed, error),
         )
@@ -255,7 +358,7 @@ class Handlers:
             try:
                 with session.running(turn) as events:
                     for _ in events:
-                        yield self.compare_out(**{mode: turn.text + CURSOR})
+                        yield self.compare_out(**{mode: self._shown(turn.text) + CURSOR})
             except Exception as error:
                 return error
             if turn.stats.stop_reason == "stopped":
@@ -270,12 +373,13 @@ class Handlers:
             replies = records(clean_state(chat_state)["messages"])
             service = self.handle.service
             c = service.tracker.cost_ratio if service is not None else AcceptanceTracker.PRIOR_COST_RATIO
-            theory, colors = theory_frame(replies, c, int(k or self.settings.decoding.k))
+            k = decoding_settings(self.settings, {"k": k}).k  # an API client's k: checked as the sidebar's
+            theory, colors = theory_frame(replies, c, k)
             return self.stats_out(
                 turn_plot=gr.LinePlot(reply_frame(replies), x_lim=None),
                 theory_plot=gr.ScatterPlot(theory, x_lim=[0, 1]),  # its colors come with the caption
                 turns_table=turns_frame(replies),
-                summary=stats_summary(service, replies, int(k or self.settings.decoding.k)),
+                summary=stats_summary(service, replies, k),
             )
         except Exception as error:
             line = one_line(error)

@@ -2,9 +2,16 @@
 serve`), which puts the page up at once and loads the models behind it.
 
 Contract: `launch_app(demo, ...)` launches a built app (Gradio 6 takes the
-theme and CSS in `launch()`), binding 127.0.0.1 unless asked otherwise.
+theme and CSS in `launch()`), binding 127.0.0.1 unless asked otherwise. It
+also puts on it what a server reachable by others needs: authentication
+(chatapp.ui.auth: from the environment or the config folder, never the
+repository; a warning on stderr when the app is reachable beyond this machine
+without it), the limits on what a client may send (an upload, a request
+body), and, with settings.server.openai_api, the OpenAI-compatible API
+(chatapp.ui.openai_api) on the same server and generation slot.
 `serve(settings)` returns the process exit status: 0, 1 when the web server
-cannot start, 2 when the models failed to load.
+cannot start (or its authentication cannot be read), 2 when the models failed
+to load.
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ import sys
 from collections.abc import Callable
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from ..errors import one_line
 from ..models import load_pair
 from ..service import ChatService
 from ..settings import Settings
+from .auth import AuthError, credentials, exposure_warning
 from .handle import ServiceHandle
+from .intake import BodyLimit
 from .layout import build_app
+from .openai_api import openai_routes
 
 CSS = """
 #app-header h1 {margin-bottom: 0.1rem;}
@@ -37,6 +48,8 @@ CSS = """
 #sidebar-note {font-size: 0.8rem; opacity: 0.8;}
 """
 INTERRUPTED_WHILE_LOADING = 130  # the shell's status for Ctrl-C
+# The app takes no files, but Gradio's upload route is open to anyone who reaches the server.
+UPLOAD_BYTES_MAX = 1024 * 1024
 
 
 def theme() -> gr.themes.Base:
@@ -55,18 +68,31 @@ def theme() -> gr.themes.Base:
 
 
 def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-               open_browser: bool = False, prevent_thread_lock: bool = False, quiet: bool = False):
-    """Launch with the app's theme and CSS; binds `host` only (127.0.0.1 unless asked)."""
+               open_browser: bool = False, prevent_thread_lock: bool = False, quiet: bool = False,
+               auth: list[tuple[str, str]] | None = None, openai_api: bool | None = None):
+    """Launch with the app's theme and CSS; binds `host` only (127.0.0.1 unless asked). `auth`
+    None reads the accounts from the environment or the config folder (chatapp.ui.auth); `openai_api`
+    None follows the settings the app was built with."""
+    auth = auth if auth is not None else credentials()
+    warning = exposure_warning(host, share, bool(auth))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    settings = getattr(demo, "specchat_settings", None)
+    if openai_api is None:
+        openai_api = settings is not None and settings.server.openai_api
+    routes = openai_routes(demo.specchat_handle, settings, auth) if openai_api else []
     return demo.launch(
         server_name=host, server_port=port, share=share, inbrowser=open_browser,
         prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=False, theme=theme(), css=CSS,
+        auth=auth or None, max_file_size=UPLOAD_BYTES_MAX,
+        app_kwargs={"routes": routes, "middleware": [Middleware(BodyLimit)]},
     )
 
 
 def load_service(settings: Settings, progress: Callable[[str], None]) -> ChatService:
     """Load the pair and measure the standard-decoding baseline (runs on the handle's loader thread)."""
     pair = load_pair(settings.model, progress=progress)
-    service = ChatService(pair)
+    service = ChatService(pair, max_reply_seconds=settings.limits.max_reply_seconds)
     progress("measuring standard decoding on this machine (the speedup baseline)")
     rate = service.calibrate()
     rate_text = "an unmeasured rate" if rate is None else f"{rate:.1f} tok/s"
@@ -77,10 +103,16 @@ def load_service(settings: Settings, progress: Callable[[str], None]) -> ChatSer
 def serve(settings: Settings) -> int:
     """`main.py serve`: bring the UI up at once and load the models behind it."""
     server = settings.server
+    try:
+        accounts = credentials()
+    except AuthError as error:
+        print(f"error: cannot read the authentication: {error}", file=sys.stderr)
+        return 1
     handle = ServiceHandle(factory=lambda progress: load_service(settings, progress), echo=True).start()
     demo = build_app(handle, settings)
     try:
-        launch_app(demo, host=server.host, port=server.port, share=server.share, open_browser=server.open_browser)
+        launch_app(demo, host=server.host, port=server.port, share=server.share, open_browser=server.open_browser,
+                   auth=accounts)
     except KeyboardInterrupt:
         pass
     except OSError as error:  # port taken, host not bindable

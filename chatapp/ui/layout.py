@@ -7,11 +7,16 @@ can pass a scripted fake; `service_or_factory` is a ChatService-like object,
 a ServiceHandle, or `factory(progress) -> service` (loaded in a background
 thread while the page is already up). Components are named by the handlers'
 output names (handlers.CHAT_OUTPUTS, ...); this module decides only where
-they sit and what triggers what. API names: /chat, /regenerate, /stop,
-/clear, /compare, /restore, /stats, /model_info.
+they sit and what triggers what. API names: /chat (the plain one, for other
+programs: chatapp.ui.api), /send (the page's own chat, with the browser
+state), /regenerate, /stop, /clear, /compare, /restore, /stats, /model_info.
 
 All generation shares one queue slot (concurrency id GENERATION), so waiting
-users see their position in the queue.
+users see their position in the queue; the queue holds at most
+settings.server.max_queue requests (past it a client is told the queue is
+full). The events that take browser or API values take them raw
+(preprocess=False): the handlers check them and answer one line naming the
+field, where Gradio's own checks would log a traceback.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from ..settings import Settings, load_settings
+from ..settings import MESSAGE_CHARS_MAX, Settings, load_settings
+from .api import add_chat_api
 from .format import COMPARE_COLUMNS, NO_STATS, SPEEDUP_METHOD, model_markdown, model_status_line
 from .handle import ServiceHandle
 from .handlers import CHAT_OUTPUTS, COMPARE_OUTPUTS, MODEL_OUTPUTS, STATS_OUTPUTS, Handlers
-from .sidebar import SIDEBAR_FIELDS, build_sidebar, decoding_endpoint, without
+from .sidebar import SIDEBAR_FIELDS, build_sidebar, decoding_endpoint, decoding_validator, without
 from .state import EMPTY_STATE, STORAGE_KEY
 from .stats_tab import REPLY_COLORS, REPLY_PLOT, THEORY_PLOT, stats_summary, turns_frame
 
@@ -72,8 +78,9 @@ def build_app(service_or_factory: Any, settings: Settings | None = None) -> gr.B
                 page["model"] = gr.Markdown(model_markdown(handle), elem_id="model-info")
         page["timer"] = gr.Timer(1.0, active=handle.status == "loading")
         demo.specchat_chat_event = _wire(demo, page, sidebar, handlers, settings)
-        demo.queue(default_concurrency_limit=1)
-    demo.specchat_handle = handle  # for tests and serve()
+        demo.queue(default_concurrency_limit=1, max_size=settings.server.max_queue)
+    handle.slot.max_waiting = settings.server.max_queue  # for requests from outside the queue (OpenAI API)
+    demo.specchat_handle, demo.specchat_settings = handle, settings  # for tests, launch_app and serve()
     return demo
 
 
@@ -90,6 +97,7 @@ def _chat_tab() -> dict[str, Any]:
             message = gr.Textbox(
                 placeholder="Type a message and press Enter (Shift+Enter for a new line)",
                 show_label=False, lines=1, max_lines=10, scale=8, elem_id="chat-input", autofocus=True,
+                max_length=MESSAGE_CHARS_MAX,
             )
             send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="send-btn")
         with gr.Row():
@@ -149,7 +157,7 @@ def _compare_tab() -> dict[str, Any]:
         gr.Markdown(COMPARE_INTRO)
         with gr.Row(equal_height=True):
             prompt = gr.Textbox(value="Explain speculative decoding in three sentences.", label="Prompt", lines=2,
-                                scale=8, elem_id="compare-prompt")
+                                scale=8, elem_id="compare-prompt", max_length=MESSAGE_CHARS_MAX)
             with gr.Column(scale=1, min_width=160):
                 run = gr.Button("▶ Compare", variant="primary", elem_id="compare-btn")
                 stop = gr.Button("■ Stop", variant="stop", size="sm", elem_id="compare-stop-btn")
@@ -172,30 +180,38 @@ def _pick(page: dict[str, Any], names: tuple[str, ...]) -> list:
 def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Handlers, settings: Settings):
     """Connect the events to the handlers; returns the chat event (for tests)."""
     # One slot for every model call; the queue shows waiting users their position on the chat / the panes.
-    gen = dict(concurrency_limit=1, concurrency_id=GENERATION, show_progress="full")
+    slot = dict(concurrency_limit=1, concurrency_id=GENERATION)
+    gen = dict(slot, show_progress="full", preprocess=False)
     quick = dict(queue=False)  # no model call: answered at once, even while a reply streams
     hidden = dict(api_visibility="private", queue=False)
     chat_out, stats_out = _pick(page, CHAT_OUTPUTS), _pick(page, STATS_OUTPUTS)
     compare_fields = without(SIDEBAR_FIELDS, "mode")  # Compare runs both modes
 
+    h.admission.queued = lambda: len(demo._queue)  # Gradio's own count of the requests waiting
+    add_chat_api(h, slot)  # /chat for other programs
     chat = decoding_endpoint(h.chat, h.refuse_chat, settings, ("message", "chat_state"))
     chat_event = gr.on([page["send"].click, page["message"].submit], chat,
-                       [page["message"], page["state"], *sidebar.values()], chat_out, api_name="chat",
-                       show_progress_on=[page["chatbot"]], **gen)
+                       [page["message"], page["state"], *sidebar.values()], chat_out, api_name="send",
+                       show_progress_on=[page["chatbot"]],
+                       validator=decoding_validator(h.prepare_chat, settings, ("message", "chat_state"),
+                                                    admission=h.admission), **gen)
     regenerate = decoding_endpoint(h.regenerate, h.refuse_regenerate, settings, ("chat_state",))
     page["regenerate"].click(regenerate, [page["state"], *sidebar.values()], chat_out, api_name="regenerate",
-                             show_progress_on=[page["chatbot"]], **gen)
+                             show_progress_on=[page["chatbot"]],
+                             validator=decoding_validator(h.prepare_regenerate, settings, ("chat_state",),
+                                                          admission=h.admission), **gen)
     page["stop"].click(h.stop, None, page["notice"], api_name="stop", **quick)
     page["compare_stop"].click(h.stop, None, page["verdict"], **hidden)
     page["clear"].click(h.clear, None, chat_out, api_name="clear", **quick)
     compare = decoding_endpoint(h.compare, h.refuse_compare, settings, ("prompt",), compare_fields)
     gr.on([page["compare"].click, page["prompt"].submit], compare,
           [page["prompt"], *(sidebar[name] for name in compare_fields)], _pick(page, COMPARE_OUTPUTS),
-          api_name="compare", show_progress_on=[page["standard"], page["speculative"]], **gen)
-    demo.load(h.restore, [page["state"]], chat_out, api_name="restore", **quick)
+          api_name="compare", show_progress_on=[page["standard"], page["speculative"]],
+          validator=decoding_validator(h.prepare_compare, settings, ("prompt",), compare_fields, h.admission), **gen)
+    demo.load(h.restore, [page["state"]], chat_out, api_name="restore", preprocess=False, **quick)
     plots = [page["turn_plot"], page["theory_plot"]]
-    page["stats_tab"].select(h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", **quick).then(
-        h.plot_captions, [page["state"], sidebar["k"]], plots, **hidden)
+    page["stats_tab"].select(h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", preprocess=False,
+                             **quick).then(h.plot_captions, [page["state"], sidebar["k"]], plots, **hidden)
     for plot in plots:  # zoom to the dragged range; double-click: all of it
         plot.select(h.zoom, None, plot, **hidden)
         plot.double_click(h.unzoom, None, plot, **hidden)

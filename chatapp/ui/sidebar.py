@@ -7,7 +7,9 @@ inputs (limits from chatapp.settings) and returns them by field name in
 {field: value} into DecodingSettings through chatapp.settings' validation (a
 bad value raises SettingsError, one line naming the key).
 `decoding_endpoint(...)` wraps a handler that takes one DecodingSettings into
-the Gradio endpoint that receives the inputs' values one by one.
+the Gradio endpoint that receives the inputs' values one by one, and
+`decoding_validator(...)` a function of the same arguments into the event's
+validator (run before the request joins the queue).
 
 Adding a sampling option: its field in DecodingSettings (and its rule), its
 use in sampling, and one input in `build_sidebar`; every endpoint that takes
@@ -137,12 +139,49 @@ def decoding_endpoint(
             return
         yield from handler(*leading_values, decoding, given.get("request"))
 
+    return _named(endpoint, names, handler)
+
+
+def decoding_validator(
+    prepare: Callable[..., None], settings: Settings, leading: Sequence[str], fields: Sequence[str] = SIDEBAR_FIELDS,
+    admission: Any = None,
+) -> Callable[..., list]:
+    """The validator of the event whose endpoint is `decoding_endpoint(..., leading, fields)`: it calls
+    `prepare(*leading_values, decoding, request)` with the same values, and passes every input (what
+    it cannot read, the handler refuses in its own words). With an `admission` (intake.Admission), a
+    request past the queue's limit is refused here, as busy, on the first input."""
+    names = (*leading, *fields)
+
+    def validator(*values: Any) -> list:
+        valid = [gr.validate(True, "") for _ in names]
+        try:
+            if admission is not None:
+                admission.enter()
+        except RuntimeError as busy:  # intake's BusyError
+            return [gr.validate(False, str(busy)), *valid[1:]]
+        try:
+            given = dict(zip((*names, "request"), values))
+            decoding = decoding_settings(settings, {name: given[name] for name in fields})
+            prepare(*(given[name] for name in leading), decoding, given.get("request"))
+        except Exception:  # a validator that raises would print the error; the handler says it in its words
+            pass
+        finally:
+            if admission is not None:
+                admission.leave()
+        return valid
+
+    return _named(validator, names, prepare)
+
+
+def _named(function: Callable, names: Sequence[str], like: Callable) -> Callable:
+    """`function(*values)` with the parameters `names` then the request: Gradio names an endpoint's API
+    parameters after its function's, and passes the request to the parameter annotated gr.Request."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     request = inspect.Parameter("request", kind, default=None, annotation=gr.Request)
-    endpoint.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in names] + [request])
-    endpoint.__annotations__ = {"request": gr.Request}  # how Gradio finds where to pass the request
-    endpoint.__name__, endpoint.__doc__ = handler.__name__, handler.__doc__
-    return endpoint
+    function.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in names] + [request])
+    function.__annotations__ = {"request": gr.Request}
+    function.__name__, function.__doc__ = like.__name__, like.__doc__
+    return function
 
 
 def without(fields: Sequence[str], *names: str) -> tuple[str, ...]:

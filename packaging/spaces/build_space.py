@@ -34,7 +34,7 @@ SPACE_TARGET = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the CPU default: the emb
 # every hardware a Space offers.
 PYTHON_VERSION = "3.12.12"
 SUGGESTED_HARDWARE = "cpu-basic"
-TEST_ONLY = {"pytest", "playwright", "ruff", "coverage"}  # what only tests and lint use (also pytest-*)
+TEST_ONLY = {"pytest", "playwright", "ruff", "coverage", "openai"}  # what only tests and lint use (also pytest-*)
 CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
 DEBIAN_PACKAGES = ["build-essential"]  # g++ for chatapp/kernels (ninja comes from requirements.txt)
 PACKAGE_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.o")
