@@ -121,6 +121,61 @@ def test_chat_in_the_browser(page):
     _wait_text(page, "#turn-stats", "acceptance")
 
 
+def _stop_shows_while_generating(page) -> None:
+    """Stop stands where Send was while a reply is generated, and Send comes back after it."""
+    page.locator("#stop-btn").wait_for(state="visible")
+    assert not page.locator("#send-btn").is_visible()
+    _wait_text(page, "#turn-stats", "generating")
+    page.locator("#send-btn").wait_for(state="visible")
+    assert not page.locator("#stop-btn").is_visible()
+    _reply_done(page)
+
+
+def test_chat_controls_in_the_browser():
+    """Examples on the empty chat; Stop only while generating; the Chatbot's retry, edit and undo."""
+    fake = FakeService(delay=0.15)  # a reply of some 2 s: time to see Stop
+    with _served_page(fake, load_settings(DEFAULT_SETTINGS_PATH, env={})) as page:
+        page.locator("#send-btn").wait_for(state="visible")
+        assert not page.locator("#stop-btn").is_visible()
+        examples = page.locator("#chatbot .example")
+        examples.first.wait_for(state="visible")
+        assert examples.count() >= 3
+        examples.first.click()  # an example is sent at once
+        _stop_shows_while_generating(page)
+        first = fake.histories[-1][-1]["content"]
+        assert first.startswith("Explain speculative decoding") and first in page.locator("#chatbot").inner_text()
+
+        box = page.locator("#chat-input textarea")
+        box.fill("A second question")
+        box.press("Enter")
+        page.locator("#stop-btn").wait_for(state="visible")
+        _wait_text(page, "#turn-stats", "generating")
+        page.locator("#stop-btn").click()  # Stop ends the reply early
+        _wait_text(page, "#chat-notice", "Stopped")
+        page.locator("#send-btn").wait_for(state="visible")
+        assert fake.last.stats.stop_reason == "stopped"
+
+        page.get_by_role("button", name="Retry").click()  # the last reply again, whole this time
+        _stop_shows_while_generating(page)
+        assert [m["content"] for m in fake.histories[-1]][-1] == "A second question"
+        assert fake.last.stats.stop_reason == "eos" and len(fake.histories[-1]) == 3
+
+        page.get_by_role("button", name="Edit").first.click()  # the first message, edited: the rest goes
+        page.locator("#chatbot textarea").fill("An edited first question")
+        page.get_by_role("button", name="Submit").click()
+        _stop_shows_while_generating(page)
+        assert fake.histories[-1] == [{"role": "user", "content": "An edited first question"}]
+        chat_text = page.locator("#chatbot").inner_text()
+        assert "You said: An edited first question" in chat_text and "A second question" not in chat_text
+
+        page.get_by_role("button", name="Undo").click()  # the exchange is taken back into the box
+        page.wait_for_function("() => document.querySelector('#chat-input textarea').value.includes('edited')")
+        assert box.input_value() == "An edited first question"
+        page.locator("#chatbot .example").first.wait_for(state="visible")  # the chat is empty again
+        page.reload()  # and stays so
+        page.locator("#chatbot .example").first.wait_for(state="visible")
+
+
 def _screenshot(page, name: str) -> Path:
     out = ROOT / "artifacts" / name
     out.parent.mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from gradio_client import Client
 
@@ -288,6 +289,54 @@ def handlers_over(fake):
     from chatapp.ui.handlers import Handlers
 
     return Handlers(ServiceHandle(fake), SETTINGS)
+
+
+# --- the chat's own controls: undo, edit, examples, retry ------------------------------
+
+
+def test_undo_takes_the_last_exchange_back_into_the_input_box(client, fake):
+    first, _ = chat(client, "one")
+    second, _ = chat(client, "two", first["state"])
+    undone = dict(zip(ui.CHAT_OUTPUTS, client.predict(second["state"], api_name="/undo")))  # the Chatbot's Undo
+    assert undone["message"] == "two" and undone["state"] == first["state"]
+    assert texts(undone["chatbot"]) == texts(first["chatbot"]) and undone["stats"] == first["stats"]
+    empty = dict(zip(ui.CHAT_OUTPUTS, client.predict(EMPTY, api_name="/undo")))
+    assert empty["notice"] == "Nothing to undo." and empty["state"] == {"__type__": "update"}
+
+
+def test_an_edited_message_drops_what_followed_and_is_sent_again(client, fake):
+    first, _ = chat(client, "one")
+    second, _ = chat(client, "two", first["state"])
+    shown = second["chatbot"]  # the Chatbot counts the stats asides too
+    index = max(i for i, m in enumerate(shown) if m["role"] == "user")
+    h = handlers_over(fake)
+    edit = gr.EditData(None, {"index": index, "value": "two, edited", "previous_value": "two"})
+    out = h.edit(second["state"], shown, 5, edit)
+    view, resend = dict(zip(ui.CHAT_OUTPUTS, out[:-1])), out[-1]
+    assert view["state"] == first["state"] and view["message"] == "two, edited" and resend == 6  # 6: sends it
+    # The first message edited: nothing before it stays.
+    out = h.edit(second["state"], shown, 0, gr.EditData(None, {"index": 0, "value": [{"text": "zero"}], "previous_value": "one"}))
+    assert out[:-1][ui.CHAT_OUTPUTS.index("state")] == EMPTY and out[-1] == 1
+    assert out[:-1][ui.CHAT_OUTPUTS.index("message")] == "zero"
+    with pytest.raises(gr.Error, match="empty"):  # nothing is dropped for an empty edit
+        h.edit(second["state"], shown, 0, gr.EditData(None, {"index": index, "value": "  ", "previous_value": "two"}))
+    with pytest.raises(gr.Error, match="no longer in the chat"):
+        h.edit(first["state"], shown, 0, gr.EditData(None, {"index": index, "value": "late", "previous_value": "two"}))
+
+
+def test_an_example_prompt_goes_to_the_box_and_is_sent(fake):
+    selection = gr.SelectData(None, {"index": 1, "value": {"text": "Write a haiku."}})
+    assert handlers_over(fake).example(2, selection) == ("Write a haiku.", 3)
+
+
+def test_retry_and_the_chatbot_controls_are_wired(served):
+    demo = served[0]
+    by_trigger = {}
+    for fn in demo.fns.values():
+        for block_id, event in fn.targets:
+            by_trigger.setdefault(event, set()).add(getattr(fn.fn, "__name__", None))
+    assert "regenerate" in by_trigger["retry"] and "undo" in by_trigger["undo"] and "edit" in by_trigger["edit"]
+    assert "example" in by_trigger["example_select"] and "clear" in by_trigger["clear"]
 
 
 # --- bad input ------------------------------------------------------------------------

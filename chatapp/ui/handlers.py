@@ -73,6 +73,21 @@ class Outputs:
         return tuple(values.get(name, gr.skip()) for name in self.names)
 
 
+def _edited_text(value: Any) -> str:
+    """The text of a Chatbot message value (a string, {"text": ...}, or a list of content parts)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("text") or value.get("content") or "")
+    if isinstance(value, list):
+        return "".join(_edited_text(part) for part in value)
+    return ""
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def _warn(line: str) -> str:
     gr.Warning(line)
     return f"⚠ {line}"
@@ -197,6 +212,52 @@ class Handlers:
             return self._chat_view(clean_state(chat_state)["messages"], tokens=[], notice="")
         except Exception as error:
             return self.chat_out(notice=f"⚠ Could not show the saved chat: {one_line(error)}")
+
+    # --- the chat's own controls: undo, edit, examples (its retry is regenerate) ----------------
+
+    def undo(self, chat_state: Any, request: gr.Request = None) -> tuple:
+        """Take back the last exchange: its user message returns to the input box, its reply is dropped
+        (one still running stops and does not write back)."""
+        self._drop_running(request)
+        messages = clean_state(chat_state)["messages"]
+        last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
+        if last is None:
+            return self.chat_out(notice="Nothing to undo.")
+        return self._chat_view(messages[:last], message=messages[last]["content"], tokens=[], notice="")
+
+    def edit(self, chat_state: Any, shown: Any, resend: Any, edit: gr.EditData, request: gr.Request = None) -> tuple:
+        """A user message edited in the chat: the conversation before it stays, what came after it goes, and
+        the new text goes to the input box; `resend` + 1 sends it (see the layout)."""
+        text = _edited_text(edit.value)
+        if not text.strip():
+            raise gr.Error("The edited message is empty: the chat is left as it was.", print_exception=False)
+        messages = clean_state(chat_state)["messages"]
+        index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
+        # The Chatbot counts its asides too; the user messages before the edited one say which it is.
+        before = sum(1 for m in (shown or [])[: int(index)] if isinstance(m, dict) and m.get("role") == "user")
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if before >= len(users):
+            raise gr.Error("That message is no longer in the chat.", print_exception=False)
+        self._drop_running(request)
+        kept = messages[: users[before]]
+        return (*self._chat_view(kept, message=text, tokens=[], notice=""), _count(resend) + 1)
+
+    @staticmethod
+    def example(resend: Any, selection: gr.SelectData) -> tuple[str, int]:
+        """An example prompt clicked on the empty chat goes to the input box; `resend` + 1 sends it."""
+        return _edited_text(selection.value), _count(resend) + 1
+
+    @staticmethod
+    def idle() -> tuple:
+        """Send back in Stop's place: nothing is being generated."""
+        return gr.update(visible=True), gr.update(visible=False)
+
+    def _drop_running(self, request: Any) -> None:
+        """This session's running reply stops and does not write back (as Clear)."""
+        session = self.sessions.get(request)
+        session.epoch += 1
+        if session.turn is not None:
+            session.turn.stop()
 
     def _failed(self, error: BaseException | str, prefix: str = "", **extra: Any) -> tuple:
         return self.chat_out(notice=_warn(f"{prefix}{one_line(error)}"), **extra)

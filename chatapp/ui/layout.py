@@ -21,6 +21,7 @@ field, where Gradio's own checks would log a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -53,6 +54,14 @@ INTRO = (
     "An INT8 draft proposes K tokens, the full-precision target verifies them in one pass: "
     "the reply is exactly the target's own, only faster."
 )
+EXAMPLE_PROMPTS = (  # shown on an empty chat
+    "Explain speculative decoding in three sentences.",
+    "Write a haiku about a small draft model and a careful target.",
+    "Give me three tips for writing clear Python code.",
+    "What makes a good unit test?",
+)
+# Send gives way to Stop at once, in the browser, when a reply is asked for (the server's answer comes later).
+BUSY_JS = "() => [{__type__: 'update', visible: false}, {__type__: 'update', visible: true}]"
 COMPARE_INTRO = (
     "One prompt, answered by standard decoding and by speculative decoding with the sidebar's "
     "settings (same seed, same device, fresh caches for each run). The order alternates each click."
@@ -88,9 +97,10 @@ def _chat_tab() -> dict[str, Any]:
     with gr.Tab("Chat", id="chat"):
         chatbot = gr.Chatbot(
             label="Chat", show_label=False, height=460, elem_id="chatbot", render_markdown=True,
-            buttons=["copy", "copy_all"], feedback_options=None,
+            buttons=["copy", "copy_all"], feedback_options=None, editable="user",
             placeholder="**Ask anything.** Replies stream round by round; the stats and the "
             "colored token view below show what the draft contributed.",
+            examples=[{"text": prompt} for prompt in EXAMPLE_PROMPTS],
         )
         notice = gr.Markdown("", elem_id="chat-notice")
         with gr.Row(equal_height=True):
@@ -100,12 +110,13 @@ def _chat_tab() -> dict[str, Any]:
                 max_length=MESSAGE_CHARS_MAX,
             )
             send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="send-btn")
+            # In Send's place while a reply is generated (see _stop_while_generating).
+            stop = gr.Button("■ Stop", variant="stop", scale=1, min_width=90, elem_id="stop-btn", visible=False)
         with gr.Row():
-            stop = gr.Button("■ Stop", variant="stop", size="sm", elem_id="stop-btn")
             regenerate = gr.Button("↻ Regenerate", variant="secondary", size="sm", elem_id="regenerate-btn")
             clear = gr.Button("✕ Clear", variant="secondary", size="sm", elem_id="clear-btn")
         stats = gr.Markdown(NO_STATS, elem_id="turn-stats")
-        with gr.Accordion("ⓘ How the speedup and the first-token time are measured", open=False,
+        with gr.Accordion("ℹ How the speedup and the first-token time are measured", open=False,
                           elem_id="speedup-method"):
             gr.Markdown(SPEEDUP_METHOD)
         tokens = gr.HighlightedText(
@@ -113,8 +124,9 @@ def _chat_tab() -> dict[str, Any]:
             show_inline_category=False, combine_adjacent=False, elem_id="token-view",
         )
         gr.HTML(_token_legend())
+        resend = gr.State(0)  # bumped by an edit or an example: sends the input box (see _wire)
     return dict(chatbot=chatbot, notice=notice, message=message, send=send, stop=stop, regenerate=regenerate,
-                clear=clear, stats=stats, tokens=tokens)
+                clear=clear, stats=stats, tokens=tokens, resend=resend)
 
 
 def _token_legend() -> str:
@@ -177,6 +189,22 @@ def _pick(page: dict[str, Any], names: tuple[str, ...]) -> list:
     return [page[name] for name in names]
 
 
+def _stop_while_generating(page: dict[str, Any], h: Handlers) -> Callable[[list], None]:
+    """Stop stands in Send's place while a reply is generated: swapped in the browser as soon as one is
+    asked for, and back by the server when it has ended, however it ended. Call it before the generating
+    events are wired (the browser runs a trigger's listeners in order), and what it returns after, with them."""
+    buttons = [page["send"], page["stop"]]
+    starts = [page["send"].click, page["message"].submit, page["resend"].change, page["regenerate"].click,
+              page["chatbot"].retry]
+    gr.on(starts, None, None, buttons, js=BUSY_JS, api_visibility="private", queue=False)
+
+    def when_done(generating: list) -> None:
+        for event in generating:
+            event.then(h.idle, None, buttons, api_visibility="private", queue=False)
+
+    return when_done
+
+
 def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Handlers, settings: Settings):
     """Connect the events to the handlers; returns the chat event (for tests)."""
     # One slot for every model call; the queue shows waiting users their position on the chat / the panes.
@@ -189,20 +217,33 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
 
     h.admission.queued = lambda: len(demo._queue)  # Gradio's own count of the requests waiting
     add_chat_api(h, slot)  # /chat for other programs
+    # An edited user message, or an example clicked on the empty chat, goes to the input box; then the
+    # `resend` counter's change sends it as the Send button would.
+    # (Queued: a gr.State's change is only signalled through the queue.)
+    page["chatbot"].edit(h.edit, [page["state"], page["chatbot"], page["resend"]], [*chat_out, page["resend"]],
+                         api_visibility="private")
+    page["chatbot"].example_select(h.example, [page["resend"]], [page["message"], page["resend"]],
+                                   api_visibility="private")
+    stop_shown_until = _stop_while_generating(page, h)
     chat = decoding_endpoint(h.chat, h.refuse_chat, settings, ("message", "chat_state"))
-    chat_event = gr.on([page["send"].click, page["message"].submit], chat,
+    chat_event = gr.on([page["send"].click, page["message"].submit, page["resend"].change], chat,
                        [page["message"], page["state"], *sidebar.values()], chat_out, api_name="send",
                        show_progress_on=[page["chatbot"]],
                        validator=decoding_validator(h.prepare_chat, settings, ("message", "chat_state"),
                                                     admission=h.admission), **gen)
     regenerate = decoding_endpoint(h.regenerate, h.refuse_regenerate, settings, ("chat_state",))
-    page["regenerate"].click(regenerate, [page["state"], *sidebar.values()], chat_out, api_name="regenerate",
+    regenerate_event = gr.on([page["regenerate"].click, page["chatbot"].retry], regenerate,
+                             [page["state"], *sidebar.values()], chat_out, api_name="regenerate",
                              show_progress_on=[page["chatbot"]],
                              validator=decoding_validator(h.prepare_regenerate, settings, ("chat_state",),
                                                           admission=h.admission), **gen)
     page["stop"].click(h.stop, None, page["notice"], api_name="stop", **quick)
+    page["chatbot"].undo(h.undo, [page["state"]], chat_out, api_name="undo", api_visibility="undocumented",
+                         queue=False)
+    stop_shown_until([chat_event, regenerate_event])
     page["compare_stop"].click(h.stop, None, page["verdict"], **hidden)
     page["clear"].click(h.clear, None, chat_out, api_name="clear", **quick)
+    page["chatbot"].clear(h.clear, None, chat_out, **hidden)  # the Chatbot's own trash button
     compare = decoding_endpoint(h.compare, h.refuse_compare, settings, ("prompt",), compare_fields)
     gr.on([page["compare"].click, page["prompt"].submit], compare,
           [page["prompt"], *(sidebar[name] for name in compare_fields)], _pick(page, COMPARE_OUTPUTS),
