@@ -131,8 +131,9 @@ def test_int8_linear_matches_the_dequantized_weight(kernels, n, k):
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_rows_do_not_change_each_others_results(kernels, dtype):
-    # 14 rows: two and more row blocks (4 or 6 rows each), with every tail size.
-    n, k = 200, 96
+    # 14 rows: several row blocks (4 or 6 rows each), with every tail size; 200
+    # inputs: weight chunks of 64 steps (int8: 64 pairs) and a partial last one.
+    n, k = 200, 200
     _, scale, packed = packed_weight(kernels, dtype, n, k, seed=2)
     x = activations(14, k)
     full = kernels.linear(x, packed, scale, n)

@@ -100,6 +100,7 @@ inline vi load_pairs(const int8_t* p) {
 inline vi zero_i() { return _mm512_setzero_si512(); }
 inline vi set1_i(int32_t x) { return _mm512_set1_epi32(x); }
 inline void store_i(int32_t* p, vi v) { _mm512_storeu_si512(reinterpret_cast<void*>(p), v); }
+inline vi load_i(const int32_t* p) { return _mm512_loadu_si512(reinterpret_cast<const void*>(p)); }
 // acc + x.lo * w.lo + x.hi * w.hi per lane, exact in int32.
 inline vi dot_pairs(vi acc, vi x, vi w) {
 #if defined(__AVX512VNNI__)
@@ -170,6 +171,7 @@ inline vi load_pairs(const int8_t* p) {
 inline vi zero_i() { return _mm256_setzero_si256(); }
 inline vi set1_i(int32_t x) { return _mm256_set1_epi32(x); }
 inline void store_i(int32_t* p, vi v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline vi load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline vi dot_pairs(vi acc, vi x, vi w) {
 #if defined(__AVXVNNI__)
   return _mm256_dpwssd_avx_epi32(acc, x, w);
@@ -216,31 +218,39 @@ inline vf exp(vf v) { return vf{std::exp(v[0]), std::exp(v[1]), std::exp(v[2]), 
 
 }  // namespace simd
 
-// Output columns per tile (a multiple of simd::W) for a tile of `rows` rows,
-// so that the accumulators, the weight vectors and a broadcast input fit the
-// registers: 32 with AVX-512, 16 with AVX2 and SSE2/NEON.
+// How rows meet a panel. The weights are streamed in chunks of kChunk input
+// steps ([kChunk][64] floats: 16 KB, in L1 while every row uses it), so each
+// weight is read from memory once whatever the row count, and memory streams
+// the whole time. Within a chunk, rows go through tiles of up to k*Rows rows
+// times *_tile_columns(rows) output columns: the more rows, the narrower the
+// tile, so the accumulators, the weight vectors and a broadcast input fit the
+// registers (32 with AVX-512, 16 with AVX2 and SSE2/NEON). A tile continues
+// its sums from the previous chunk: storing and reloading a float is exact,
+// so every output is still one chain over k in order.
+constexpr int64_t kChunk = 64;  // input steps (float) or input pairs (int8) per chunk
+// Tiles prefetch the weights they will need kAhead steps later: the hardware
+// prefetcher stops at 4 KB pages and runs too few lines ahead to keep memory
+// streaming while a tile of several rows computes (measured: 4 rows cost
+// 1.46x one row without, ~1.0x with; verify of 9 rows 1.7x -> 1.2x).
+constexpr int64_t kAhead = 32;
 #if defined(SPECCHAT_AVX512)
-constexpr int kFloatRowBlock = 4;  // rows per pass over a panel
-constexpr int kInt8RowBlock = 4;
+constexpr int kFloatRows = 4, kInt8Rows = 4;  // 12 x 32 measured ~15% slower for many rows
 constexpr int float_tile_columns(int) { return 64; }
 constexpr int int8_tile_columns(int) { return 64; }
 #elif defined(SPECCHAT_AVX2)
-constexpr int kFloatRowBlock = 6;
-constexpr int kInt8RowBlock = 4;
-constexpr int float_tile_columns(int rows) { return rows == 1 ? 64 : rows == 2 ? 32 : 16; }
+constexpr int kFloatRows = 6, kInt8Rows = 4;
+constexpr int float_tile_columns(int rows) { return rows == 1 ? 64 : rows <= 3 ? 32 : 16; }
 constexpr int int8_tile_columns(int rows) { return rows == 1 ? 64 : rows == 2 ? 32 : 16; }
 #else
-constexpr int kFloatRowBlock = 6;
-constexpr int kInt8RowBlock = 4;
-constexpr int float_tile_columns(int rows) { return rows == 1 ? 32 : rows == 2 ? 16 : 8; }
+constexpr int kFloatRows = 6, kInt8Rows = 4;
+constexpr int float_tile_columns(int rows) { return rows == 1 ? 32 : rows <= 3 ? 16 : 8; }
 constexpr int int8_tile_columns(int rows) { return rows == 1 ? 32 : 16; }
 #endif
-constexpr int kMaxRowBlock = std::max(kFloatRowBlock, kInt8RowBlock);
 
 // Per-thread scratch that only grows: a decode step would otherwise allocate
 // and zero a dozen buffers per block (malloc showed up at ~2% of a draft step).
 // Every buffer has its own slot, so growing one never moves another in use.
-enum Slot { kScores, kNormed, kQkv, kQuery, kAttn, kProj, kGateUp, kAct, kRowScale, kPairs, kSlots };
+enum Slot { kScores, kNormed, kQkv, kQuery, kAttn, kProj, kGateUp, kAct, kRowScale, kPairs, kSums, kSlots };
 
 template <typename T>
 T* scratch(Slot slot, int64_t count) {
@@ -267,131 +277,134 @@ inline float dot_f32(const float* x, const float* w, int64_t k) {
   return sum;
 }
 
-// ROWS activation rows (stride k) times COLS columns, from c0, of one float
-// [k][64] panel -> the same columns of out[ROWS][64]. Each weight vector is
+// ROWS activation rows (stride xs) times COLS columns of one chunk of a float
+// [k][64] panel (w: the chunk's first step, steps of them) -> the same columns
+// of out[ROWS][64], continuing its sums unless `first`. Each weight vector is
 // loaded once and applied to every row.
 template <int ROWS, int COLS>
-inline void float_tile(const float* x, int64_t k, const float* panel, float* out, int64_t c0) {
+inline void float_tile(const float* x, int64_t xs, int64_t steps, const float* w, float* out, bool first) {
   using namespace simd;
   constexpr int V = COLS / W;
   vf acc[ROWS][V];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 16
-    for (int j = 0; j < V; ++j) acc[r][j] = zero();
+    for (int j = 0; j < V; ++j) acc[r][j] = first ? zero() : load(out + r * kPanel + W * j);
   }
-  const float* wp = panel + c0;
-  for (int64_t i = 0; i < k; ++i, wp += kPanel) {
-    vf w[V];
+  for (int64_t i = 0; i < steps; ++i, w += kPanel) {
+#pragma GCC unroll 4
+    for (int l = 0; l < (COLS * 4 + 63) / 64; ++l) __builtin_prefetch(w + kAhead * kPanel + 16 * l);
+    vf wv[V];
 #pragma GCC unroll 16
-    for (int j = 0; j < V; ++j) w[j] = load(wp + W * j);
-#pragma GCC unroll 8
+    for (int j = 0; j < V; ++j) wv[j] = load(w + W * j);
+#pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r) {
-      const vf xb = set1(x[r * k + i]);
+      const vf xb = set1(x[r * xs + i]);
 #pragma GCC unroll 16
-      for (int j = 0; j < V; ++j) acc[r][j] = fmadd(xb, w[j], acc[r][j]);
+      for (int j = 0; j < V; ++j) acc[r][j] = fmadd(xb, wv[j], acc[r][j]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 16
-    for (int j = 0; j < V; ++j) store(out + r * kPanel + c0 + W * j, acc[r][j]);
+    for (int j = 0; j < V; ++j) store(out + r * kPanel + W * j, acc[r][j]);
   }
 }
 
-// ROWS rows of int16 input pairs (stride kp, two int16 per int32) times COLS
-// columns, from c0, of one int8 [kp][64][2] panel -> exact int32 sums in the
-// same columns of out[ROWS][64]. The layout is the operand layout of
+// ROWS rows of int16 input pairs (stride xs, two int16 per int32) times COLS
+// columns of one chunk of an int8 [kp][64][2] panel -> exact int32 sums in
+// the same columns of out[ROWS][64]. The layout is the operand layout of
 // vpdpwssd / vpmaddwd: each 32-bit lane multiplies one column's two weights by
 // two inputs and adds both products to its int32 accumulator.
 #if defined(SPECCHAT_AVX512) || defined(SPECCHAT_AVX2)
 template <int ROWS, int COLS>
-inline void int8_tile(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
+inline void int8_tile(const int32_t* xq, int64_t xs, int64_t steps, const int8_t* w, int32_t* out, bool first) {
   using namespace simd;
   constexpr int V = COLS / W;
   vi acc[ROWS][V];
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 16
-    for (int j = 0; j < V; ++j) acc[r][j] = zero_i();
-  }
-  const int8_t* wp = panel + 2 * c0;
-  for (int64_t i = 0; i < kp; ++i, wp += 2 * kPanel) {
-    vi xb[ROWS];
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) xb[r] = set1_i(xq[r * kp + i]);
+  for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 16
     for (int j = 0; j < V; ++j) {
-      const vi w = load_pairs(wp + 2 * W * j);  // one weight vector at a time: registers stay free
-#pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) acc[r][j] = dot_pairs(acc[r][j], xb[r], w);
+      acc[r][j] = first ? zero_i() : load_i(out + r * kPanel + W * j);
     }
   }
-#pragma GCC unroll 8
+  for (int64_t i = 0; i < steps; ++i, w += 2 * kPanel) {
+#pragma GCC unroll 4
+    for (int l = 0; l < (COLS * 2 + 63) / 64; ++l) __builtin_prefetch(w + kAhead * 2 * kPanel + 64 * l);
+    vi xb[ROWS];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) xb[r] = set1_i(xq[r * xs + i]);
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) {
+      const vi wv = load_pairs(w + 2 * W * j);  // one weight vector at a time: registers stay free
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) acc[r][j] = dot_pairs(acc[r][j], xb[r], wv);
+    }
+  }
+#pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 16
-    for (int j = 0; j < V; ++j) store_i(out + r * kPanel + c0 + W * j, acc[r][j]);
+    for (int j = 0; j < V; ++j) store_i(out + r * kPanel + W * j, acc[r][j]);
   }
 }
 #else
 template <int ROWS, int COLS>
-inline void int8_tile(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0) {
-  int32_t acc[ROWS][COLS] = {};
-  for (int64_t i = 0; i < kp; ++i) {
-    const int8_t* w = panel + (i * kPanel + c0) * 2;
+inline void int8_tile(const int32_t* xq, int64_t xs, int64_t steps, const int8_t* w, int32_t* out, bool first) {
+  int32_t acc[ROWS][COLS];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int c = 0; c < COLS; ++c) acc[r][c] = first ? 0 : out[r * kPanel + c];
+  }
+  for (int64_t i = 0; i < steps; ++i, w += 2 * kPanel) {
     for (int r = 0; r < ROWS; ++r) {
       int16_t pair[2];  // as quantize_row wrote them: two int16 in one int32 slot
-      std::memcpy(pair, xq + r * kp + i, sizeof pair);
+      std::memcpy(pair, xq + r * xs + i, sizeof pair);
       for (int c = 0; c < COLS; ++c) acc[r][c] += pair[0] * w[2 * c] + pair[1] * w[2 * c + 1];
     }
   }
-  for (int r = 0; r < ROWS; ++r) std::copy(acc[r], acc[r] + COLS, out + r * kPanel + c0);
+  for (int r = 0; r < ROWS; ++r) std::copy(acc[r], acc[r] + COLS, out + r * kPanel);
 }
 #endif
 
-// Columns c0..c0+width-1 (a whole or a half panel) of ROWS rows, in tiles as
-// wide as the registers allow for that many rows.
+// Columns c0..c0+width-1 (a whole or a half panel) of ROWS rows for one
+// chunk (w and out at column 0), in tiles as wide as the registers allow.
 template <int ROWS>
-inline void float_rows(const float* x, int64_t k, const float* panel, float* out, int64_t c0, int64_t width) {
-  constexpr int cols = float_tile_columns(ROWS);
+inline void float_rows(const float* x, int64_t xs, int64_t steps, const float* w, float* out, int64_t c0,
+                       int64_t width, bool first) {
+  constexpr int cols = std::min<int>(float_tile_columns(ROWS), kPanel);
   if constexpr (cols > kPanel / 2) {
-    if (width < cols) {
-      float_tile<ROWS, kPanel / 2>(x, k, panel, out, c0);
-      return;
-    }
+    if (width < cols) return float_tile<ROWS, kPanel / 2>(x, xs, steps, w + c0, out + c0, first);
   }
-  for (int64_t c = c0; c < c0 + width; c += cols) float_tile<ROWS, cols>(x, k, panel, out, c);
+  for (int64_t c = c0; c < c0 + width; c += cols) float_tile<ROWS, cols>(x, xs, steps, w + c, out + c, first);
 }
 
 template <int ROWS>
-inline void int8_rows(const int32_t* xq, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0, int64_t width) {
-  constexpr int cols = int8_tile_columns(ROWS);
+inline void int8_rows(const int32_t* xq, int64_t xs, int64_t steps, const int8_t* w, int32_t* out, int64_t c0,
+                      int64_t width, bool first) {
+  constexpr int cols = std::min<int>(int8_tile_columns(ROWS), kPanel);
   if constexpr (cols > kPanel / 2) {
-    if (width < cols) {
-      int8_tile<ROWS, kPanel / 2>(xq, kp, panel, out, c0);
-      return;
-    }
+    if (width < cols) return int8_tile<ROWS, kPanel / 2>(xq, xs, steps, w + 2 * c0, out + c0, first);
   }
-  for (int64_t c = c0; c < c0 + width; c += cols) int8_tile<ROWS, cols>(xq, kp, panel, out, c);
+  for (int64_t c = c0; c < c0 + width; c += cols) int8_tile<ROWS, cols>(xq, xs, steps, w + 2 * c, out + c, first);
 }
 
 // rows (1..ROWS) rows through the tiles compiled for exactly that many rows.
 template <int ROWS>
-inline void float_block(const float* x, int64_t rows, int64_t k, const float* panel, float* out, int64_t c0,
-                        int64_t width) {
+inline void float_block(const float* x, int64_t rows, int64_t xs, int64_t steps, const float* w, float* out,
+                        int64_t c0, int64_t width, bool first) {
   if constexpr (ROWS > 1) {
-    if (rows < ROWS) return float_block<ROWS - 1>(x, rows, k, panel, out, c0, width);
+    if (rows < ROWS) return float_block<ROWS - 1>(x, rows, xs, steps, w, out, c0, width, first);
   }
-  float_rows<ROWS>(x, k, panel, out, c0, width);
+  float_rows<ROWS>(x, xs, steps, w, out, c0, width, first);
 }
 
 template <int ROWS>
-inline void int8_block(const int32_t* xq, int64_t rows, int64_t kp, const int8_t* panel, int32_t* out, int64_t c0,
-                       int64_t width) {
+inline void int8_block(const int32_t* xq, int64_t rows, int64_t xs, int64_t steps, const int8_t* w, int32_t* out,
+                       int64_t c0, int64_t width, bool first) {
   if constexpr (ROWS > 1) {
-    if (rows < ROWS) return int8_block<ROWS - 1>(xq, rows, kp, panel, out, c0, width);
+    if (rows < ROWS) return int8_block<ROWS - 1>(xq, rows, xs, steps, w, out, c0, width, first);
   }
-  int8_rows<ROWS>(xq, kp, panel, out, c0, width);
+  int8_rows<ROWS>(xq, xs, steps, w, out, c0, width, first);
 }
 
 void check_rows(const at::Tensor& x, int64_t k) {
@@ -492,29 +505,34 @@ void for_each_panel_part(int64_t panels, const Run& run) {
   }
 }
 
-// Every panel part, rows row_block at a time, so each weight vector loaded
-// serves that many rows: rows(panel, r0, count, out, c0, width) fills
-// out[count][64] (columns c0..c0+width-1), which then goes to y with the
-// optional per-row scale, per-column scale and bias.
-template <typename Acc, typename Rows>
-void panel_linear(int64_t m, int64_t row_block, const Weight& w, const float* row_scale, const float* scale,
-                  const float* bias, float* yp, const Rows& rows) {
+// Every panel part, chunk by chunk; within a chunk, rows `rows` at a time:
+// chunk(panel, r0, count, step0, steps, sums, c0, width, first) continues the
+// sums sums[count][64] (columns c0..c0+width-1) over steps step0.., and the
+// finished sums go to y with the optional per-row scale, per-column scale
+// and bias.
+template <typename Acc, typename Chunk>
+void panel_linear(int64_t m, int64_t rows, int64_t steps, const Weight& w, const float* row_scale,
+                  const float* scale, const float* bias, float* yp, const Chunk& chunk) {
   for_each_panel_part(w.panels(), [&](int64_t p, int64_t c0, int64_t width) {
-    Acc out[kMaxRowBlock * kPanel];
-    for (int64_t r0 = 0; r0 < m; r0 += row_block) {
-      const int64_t count = std::min<int64_t>(row_block, m - r0);
-      rows(p, r0, count, out, c0, width);
-      store_panel(out, count, r0, p * kPanel, c0, width, w.n, row_scale, scale, bias, yp);
+    Acc* sums = scratch<Acc>(kSums, m * kPanel);
+    for (int64_t s0 = 0; s0 < steps; s0 += kChunk) {
+      const int64_t count = std::min(kChunk, steps - s0);
+      for (int64_t r0 = 0; r0 < m; r0 += rows) {
+        chunk(p, r0, std::min(rows, m - r0), s0, count, sums + r0 * kPanel, c0, width, s0 == 0);
+      }
     }
+    store_panel(sums, m, 0, p * kPanel, c0, width, w.n, row_scale, scale, bias, yp);
   });
 }
 
 void float_linear(const float* xp, int64_t m, const Weight& w, const float* bias, float* yp) {
   const int64_t k = w.k();
   const float* wp = w.packed.data_ptr<float>();
-  panel_linear<float>(m, kFloatRowBlock, w, nullptr, nullptr, bias, yp,
-                      [&](int64_t p, int64_t r0, int64_t count, float* out, int64_t c0, int64_t width) {
-                        float_block<kFloatRowBlock>(xp + r0 * k, count, k, wp + p * k * kPanel, out, c0, width);
+  panel_linear<float>(m, kFloatRows, k, w, nullptr, nullptr, bias, yp,
+                      [&](int64_t p, int64_t r0, int64_t count, int64_t s0, int64_t steps, float* sums, int64_t c0,
+                          int64_t width, bool first) {
+                        float_block<kFloatRows>(xp + r0 * k + s0, count, k, steps, wp + (p * k + s0) * kPanel, sums,
+                                                c0, width, first);
                       });
 }
 
@@ -562,9 +580,11 @@ void int8_linear(const float* xp, int64_t m, const Weight& w, const float* bias,
   float* xs = scratch<float>(kRowScale, m);
   for (int64_t r = 0; r < m; ++r) quantize_row(xp + r * k, k, xq + r * kp, xs + r);
   const int8_t* wp = w.packed.data_ptr<int8_t>();
-  panel_linear<int32_t>(m, kInt8RowBlock, w, xs, w.scale.data_ptr<float>(), bias, yp,
-                        [&](int64_t p, int64_t r0, int64_t count, int32_t* out, int64_t c0, int64_t width) {
-                          int8_block<kInt8RowBlock>(xq + r0 * kp, count, kp, wp + p * k * kPanel, out, c0, width);
+  panel_linear<int32_t>(m, kInt8Rows, kp, w, xs, w.scale.data_ptr<float>(), bias, yp,
+                        [&](int64_t p, int64_t r0, int64_t count, int64_t s0, int64_t steps, int32_t* sums,
+                            int64_t c0, int64_t width, bool first) {
+                          int8_block<kInt8Rows>(xq + r0 * kp + s0, count, kp, steps, wp + (p * kp + s0) * 2 * kPanel,
+                                                sums, c0, width, first);
                         });
 }
 
