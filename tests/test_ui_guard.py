@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 from fake_engine import FakeService
-from served import EMPTY, client, served, settings_with
+from served import EMPTY, SETTINGS, client, served, settings_with
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -27,6 +27,7 @@ from chatapp.service import ChatService
 from chatapp.settings import SEED_MAX
 from chatapp.stats import Baseline
 from chatapp.ui.intake import BodyLimit
+from chatapp.ui.sidebar import SIDEBAR_FIELDS
 from chatapp.ui.stats_tab import stats_summary
 from tests.test_faults import Faulty
 from tests.test_models import model_settings, tiny, tok  # noqa: F401  (fixtures: tiny model folders)
@@ -119,7 +120,7 @@ def _ask(url: str, api: str, message: str, history: list[dict]) -> list:
     history's prompt is built while its request joins)."""
     data = [message, history, None] if api == "/chat" else [message, {"messages": history}]
     if api == "/send":
-        data += [None] * 9  # the sidebar's values: the settings' own
+        data += [getattr(SETTINGS.decoding, name) for name in SIDEBAR_FIELDS]  # the sidebar as the page sends it
     return raw_call(url, api.strip("/"), json.dumps({"data": data}))
 
 
