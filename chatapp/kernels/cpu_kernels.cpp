@@ -696,7 +696,12 @@ void attention_into(const float* qp, int64_t n, int64_t heads, int64_t d, const 
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   auto attend = d == 64 ? attend_one<64> : d == 128 ? attend_one<128> : attend_one<0>;
-  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
+  // Tasks in chunks of at least ~64k multiply-adds: a one-token step over a
+  // short context then runs on this thread, not in a parallel region whose
+  // start and join cost more than the work (and far more when another
+  // process holds the other core).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / ((start + n) * d));
+  at::parallel_for(0, n * heads, grain, [&](int64_t begin, int64_t end) {
     float* scores = scratch<float>(kScores, start + n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / heads, h = task % heads;
