@@ -130,11 +130,33 @@ class FakeTurn:
             self.service.turns.append(self)
 
 
+def fake_loader(settings, progress, delay: float = 0.0, step_s: float = 0.05):
+    """What the Model tab's Load builds a pair with, scripted: progress lines, then a FakeService named after
+    the chosen target and draft; a draft whose name says "incompatible" fails the vocabulary check, and a
+    target that says "missing" cannot be found (the errors load_pair raises)."""
+    from chatapp.models import IncompatibleModelsError, ModelLoadError
+
+    model = settings.model
+    progress(f"loading {model.target} (fake)")
+    time.sleep(step_s)
+    if "missing" in model.target:
+        raise ModelLoadError(f"model '{model.target}' was not found on the Hugging Face hub")
+    progress(f"preparing the draft ({model.draft or 'an INT8 copy of the target'}, {model.draft_quantization})")
+    time.sleep(step_s)
+    if "incompatible" in model.draft:
+        raise IncompatibleModelsError(
+            f"'{model.draft}' does not speak '{model.target}''s vocabulary: token 5 is 'foo' in the draft's and "
+            "'bar' in the target's"
+        )
+    return FakeService(delay=delay, target=model.target, draft=model.draft)
+
+
 class FakeService:
     """ChatService's interface over a script. `max_message_chars` / `context_chars`
     play the context limits: a longer message fails, a longer history drops old turns."""
 
-    def __init__(self, delay: float = 0.0, max_message_chars: int = 2000, context_chars: int = 4000, tokenizer=None):
+    def __init__(self, delay: float = 0.0, max_message_chars: int = 2000, context_chars: int = 4000, tokenizer=None,
+                 target: str = "FakeLM-135M", draft: str = ""):
         self.delay, self.max_message_chars, self.context_chars = delay, max_message_chars, context_chars
         self.tokenizer = tokenizer or FakeTokenizer()  # or a real one whose id 0 is a special token
         self.baseline = Baseline()
@@ -145,14 +167,15 @@ class FakeService:
         self.fresh: list[bool] = []  # and its fresh= flag
         self.kept_prompt: list[str] = []  # the "prefix cache": the words of the latest kept prompt and reply
         self.context = 2048
-        info = dict(name="FakeLM-135M", source="embedded:fake", device="cpu", parameters=134_515_008,
-                    implementation="fake (scripted)")
-        target = ModelInfo(dtype="float32", quantization="none", weight_bytes=538_060_032, **info)
-        draft = ModelInfo(dtype="int8 weights, float32 activations", quantization="int8 weight-only per-channel (fake)",
-                          weight_bytes=162_000_000, **info)
+        info = dict(source="embedded:fake", device="cpu", parameters=134_515_008, implementation="fake (scripted)")
+        target_info = ModelInfo(name=target, dtype="float32", quantization="none", weight_bytes=538_060_032, **info)
+        draft_info = ModelInfo(name=draft or target, dtype="int8 weights, float32 activations",
+                               quantization="int8 weight-only per-channel (fake)", weight_bytes=162_000_000, **info)
+        compatibility = (f"compatible: {draft} speaks {target}'s vocabulary (fake)" if draft
+                         else "compatible: the draft is a quantized copy of the target")
         self.pair = SimpleNamespace(
-            target=SimpleNamespace(info=target), draft=SimpleNamespace(info=draft), tokenizer=self.tokenizer,
-            compatibility="compatible: the draft is a quantized copy of the target", load_s=0.25,
+            target=SimpleNamespace(info=target_info), draft=SimpleNamespace(info=draft_info), tokenizer=self.tokenizer,
+            compatibility=compatibility, load_s=0.25,
         )
 
     @property

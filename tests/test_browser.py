@@ -8,6 +8,7 @@ docs/screenshot.png."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ import pytest
 
 from chatapp import ui
 from chatapp.settings import DEFAULT_SETTINGS_PATH, load_settings, with_overrides
-from fake_engine import FakeService
+from fake_engine import FakeService, fake_loader
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
 
@@ -37,11 +38,11 @@ def _chromium() -> str:
 
 
 @contextlib.contextmanager
-def _served_page(service, settings):
+def _served_page(service, settings, loader=None):
     """A Chromium page on the app serving `service`, on 127.0.0.1; all stopped after."""
     executable = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    demo = ui.build_app(service, settings)
+    demo = ui.build_app(service, settings, loader=loader)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -174,6 +175,51 @@ def test_chat_controls_in_the_browser():
         page.locator("#chatbot .example").first.wait_for(state="visible")  # the chat is empty again
         page.reload()  # and stays so
         page.locator("#chatbot .example").first.wait_for(state="visible")
+
+
+def test_the_model_tab_switches_the_pair_in_the_browser():
+    """The picker: a preset fills it; a pair typed in loads with its progress and replaces the serving one
+    (the header and the chat follow); a draft with another vocabulary is refused and the pair keeps serving."""
+    first = FakeService(delay=0.02)
+    settings = load_settings(DEFAULT_SETTINGS_PATH, env={})
+    with _served_page(first, settings, functools.partial(fake_loader, step_s=0.4)) as page:
+        page.get_by_role("tab", name="Model").click()
+        target, draft = page.locator("#model-target textarea"), page.locator("#model-draft textarea")
+        assert target.input_value() == settings.model.target and draft.is_disabled()
+
+        page.locator("#model-preset input").click()  # a preset fills the picker
+        page.get_by_role("option", name="qwen2.5-1.5b", exact=False).first.click()
+        page.wait_for_function(
+            "() => document.querySelector('#model-target textarea').value === 'Qwen/Qwen2.5-1.5B-Instruct'")
+        assert draft.input_value() == "Qwen/Qwen2.5-0.5B-Instruct" and draft.is_enabled()
+
+        target.fill("")
+        target.press_sequentially("tiny/chat-target")  # typed in: no longer the preset's pair
+        draft.fill("tiny/chat-draft")
+        page.wait_for_function("() => document.querySelector('#model-preset input').value.startsWith('custom')")
+        page.locator("#model-load-btn").click()
+        _wait_text(page, "#model-load-status", "Loading the new pair")  # the progress, while the old pair serves
+        _wait_text(page, "#model-load-status", "Now serving")
+        status = page.locator("#model-load-status").inner_text()
+        assert "vocabulary check: compatible" in status and status.index("loading tiny/chat-target") < status.index(
+            "vocabulary check")
+        _wait_text(page, "#model-status", "tiny/chat-target")  # the header names the new pair
+        _wait_text(page, "#model-info", "tiny/chat-draft")
+        _screenshot(page, "browser-model-tab.png")
+
+        draft.fill("tiny/incompatible-draft")  # refused by the vocabulary check: the pair keeps serving
+        page.locator("#model-load-btn").click()
+        _wait_text(page, "#model-load-status", "Not loaded")
+        assert "does not speak" in page.locator("#model-load-status").inner_text()
+        assert "tiny/chat-target" in page.locator("#model-status").inner_text()
+
+        page.get_by_role("tab", name="Chat").click()
+        box = page.locator("#chat-input textarea")
+        box.fill("Who answers now?")
+        box.press("Enter")
+        _reply_done(page)
+        assert len(first.turns) == 0  # the new pair answered, not the first one
+        assert "Who answers now?" in page.locator("#chatbot").inner_text()
 
 
 def _screenshot(page, name: str) -> Path:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import socket
 import subprocess
@@ -21,8 +22,10 @@ from chatapp.autok import AcceptanceTracker, KChoice
 from chatapp.settings import DEFAULT_SETTINGS_PATH, K_MAX, K_MIN, SettingsError, load_settings
 from chatapp.stats import expected_speedup
 from chatapp.ui.format import choice_text, stats_line, stats_title
+from chatapp.ui.handle import ServiceHandle
+from chatapp.ui.handlers import LOAD_OUTPUTS, Handlers
 from chatapp.ui.sidebar import SIDEBAR_FIELDS, decoding_endpoint
-from fake_engine import DRAFT_STEP_S, PREFILL_S, VERIFY_STEP_S, FakeService, FakeTurn
+from fake_engine import DRAFT_STEP_S, PREFILL_S, VERIFY_STEP_S, FakeService, FakeTurn, fake_loader
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -285,9 +288,6 @@ def test_restore_reads_records_saved_by_the_previous_version(client):
 
 
 def handlers_over(fake):
-    from chatapp.ui.handle import ServiceHandle
-    from chatapp.ui.handlers import Handlers
-
     return Handlers(ServiceHandle(fake), SETTINGS)
 
 
@@ -315,7 +315,8 @@ def test_an_edited_message_drops_what_followed_and_is_sent_again(client, fake):
     view, resend = dict(zip(ui.CHAT_OUTPUTS, out[:-1])), out[-1]
     assert view["state"] == first["state"] and view["message"] == "two, edited" and resend == 6  # 6: sends it
     # The first message edited: nothing before it stays.
-    out = h.edit(second["state"], shown, 0, gr.EditData(None, {"index": 0, "value": [{"text": "zero"}], "previous_value": "one"}))
+    zero = gr.EditData(None, {"index": 0, "value": [{"text": "zero"}], "previous_value": "one"})
+    out = h.edit(second["state"], shown, 0, zero)
     assert out[:-1][ui.CHAT_OUTPUTS.index("state")] == EMPTY and out[-1] == 1
     assert out[:-1][ui.CHAT_OUTPUTS.index("message")] == "zero"
     with pytest.raises(gr.Error, match="empty"):  # nothing is dropped for an empty edit
@@ -483,6 +484,151 @@ def test_generation_shares_one_queue_slot(served):
     assert set(gen) == {"chat", "regenerate", "compare"}
     assert {(fn.concurrency_id, fn.concurrency_limit, fn.queue) for fn in gen.values()} == {(ui.GENERATION, 1, True)}
     assert demo.server_name == "127.0.0.1"
+
+
+# --- the Model tab's picker ----------------------------------------------------------------
+
+PICK_OTHER = ("(custom)", "tiny/target", "another model (same tokenizer)", "tiny/draft", "none")  # PICKER_INPUTS' order
+
+
+def launch_with_loader(service, loader, settings=SETTINGS):
+    demo = ui.build_app(service, settings, loader=loader)
+    _, url, _ = ui.launch_app(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    return demo, Client(url, verbose=False)
+
+
+def load(client, *picker):
+    """Press Load with the picker's values; the final outputs by name, and the streamed load statuses."""
+    job = client.submit(*picker, api_name="/load_model")
+    final = dict(zip(LOAD_OUTPUTS, job.result(timeout=60)))
+    return final, [dict(zip(LOAD_OUTPUTS, out))["load_status"] for out in job.outputs()]
+
+
+def test_the_model_tab_swaps_the_pair_once_loaded_and_serves_meanwhile():
+    first = FakeService()
+    demo, client = launch_with_loader(first, functools.partial(fake_loader, step_s=0.6))
+    try:
+        job = client.submit(*PICK_OTHER, api_name="/load_model")
+        time.sleep(0.3)
+        during, _ = chat(client, "still there?")  # the current pair answers while the new one loads
+        assert first.turns and during["state"]["messages"][-1]["content"] == first.last.text
+        final = dict(zip(LOAD_OUTPUTS, job.result(timeout=60)))
+        statuses = [dict(zip(LOAD_OUTPUTS, out))["load_status"] for out in job.outputs()]
+        assert any("Loading the new pair" in s and "loading tiny/target (fake)" in s for s in statuses)
+        status = final["load_status"]
+        assert status.startswith("✔ **Now serving:** Target **tiny/target**") and "Draft **tiny/draft**" in status
+        # The vocabulary check is shown, and before the swap.
+        assert status.index("vocabulary check: compatible: tiny/draft speaks") < len(status)
+        assert "tiny/target" in final["model"] and "tiny/draft" in final["model"]
+        assert final["status"].startswith("Target **tiny/target**")
+        new = demo.specchat_handle.service
+        assert new is not first and new.pair.target.info.name == "tiny/target"
+        after, _ = chat(client, "and now?")  # the next reply is the new pair's
+        assert new.turns and after["state"]["messages"][-1]["content"] == new.last.text and len(first.turns) == 1
+        assert "tiny/target" in client.predict(api_name="/model_info")
+        picked = demo.specchat_handle.loaded_from
+        assert (picked.target, picked.draft, picked.draft_quantization) == ("tiny/target", "tiny/draft", "none")
+    finally:
+        client.close()
+        demo.close()
+
+
+def test_a_failed_load_keeps_the_pair_serving_and_says_why_in_one_line():
+    first = FakeService()
+    demo, client = launch_with_loader(first, fake_loader)
+    try:
+        final, _ = load(client, "(custom)", "tiny/target", "another model (same tokenizer)", "tiny/incompatible", "auto")
+        status = final["load_status"]
+        assert status.startswith("✘ **Not loaded:** 'tiny/incompatible' does not speak 'tiny/target''s vocabulary")
+        assert "Still serving: Target **FakeLM-135M**" in status and "\n" not in status.split("\n\n")[0]
+        assert demo.specchat_handle.service is first and demo.specchat_handle.loaded_from is None
+        ok, _ = chat(client, "fine?")
+        assert ok["state"]["messages"][-1]["content"] == first.last.text
+        final, _ = load(client, "(custom)", "org/missing", "the target's INT8 copy", "", "auto")
+        assert "not found on the Hugging Face hub" in final["load_status"] and demo.specchat_handle.service is first
+        # Values the settings refuse are one line too, and nothing is loaded.
+        final, _ = load(client, "(custom)", "  ", "the target's INT8 copy", "", "auto")
+        assert final["load_status"] == '⚠ Not loaded: Model tab: model.target = "" must not be empty'
+        final, _ = load(client, "(custom)", "tiny/target", "another model (same tokenizer)", "", "auto")
+        assert "name the draft model" in final["load_status"]
+        assert demo.specchat_handle.reloading.label.target == "org/missing"  # the refused ones started nothing
+    finally:
+        client.close()
+        demo.close()
+
+
+def test_a_second_load_waits_for_the_first_and_a_failed_start_can_be_mended():
+    release = threading.Event()
+
+    def slow_loader(settings, progress):
+        release.wait(10)
+        return fake_loader(settings, progress, step_s=0)
+
+    def broken(progress):
+        raise RuntimeError("no such model")
+
+    demo, client = launch_with_loader(broken, slow_loader)
+    try:
+        assert demo.specchat_handle.wait(10) == "error"
+        job = client.submit(*PICK_OTHER, api_name="/load_model")
+        time.sleep(0.5)
+        again, _ = load(client, *PICK_OTHER)
+        assert again["load_status"] == "⚠ Models are being loaded already: wait for that to end."
+        release.set()
+        final = dict(zip(LOAD_OUTPUTS, job.result(timeout=30)))
+        assert final["load_status"].startswith("✔ **Now serving:**") and demo.specchat_handle.status == "ready"
+        ok, _ = chat(client, "works now")  # the app that could not load its models at start serves now
+        assert ok["state"]["messages"][-1]["content"] == demo.specchat_handle.service.last.text
+    finally:
+        release.set()
+        client.close()
+        demo.close()
+
+
+def test_presets_fill_the_picker_and_a_shared_server_does_not_switch(fake):
+    h = handlers_over(fake)
+    preset = SETTINGS.presets["qwen2.5-7b"]
+    assert h.choose_preset("qwen2.5-7b") == (preset["target"], "another model (same tokenizer)", preset["draft"], "auto")
+    assert h.choose_preset("(custom)") == (gr.skip(),) * 4  # the custom entry leaves the picker as it is
+    shared = replace(SETTINGS, server=replace(SETTINGS.server, host="0.0.0.0"))
+    for settings in (shared, replace(SETTINGS, server=replace(SETTINGS.server, share=True))):
+        handle = ServiceHandle(fake)
+        refused = list(Handlers(handle, settings, fake_loader).load_model(*PICK_OTHER))
+        assert len(refused) == 1 and "Switching models from the page is off" in refused[0][0]
+        assert handle.reloading is None and handle.service is fake
+
+
+def test_the_model_tab_loads_local_model_folders(tmp_path):
+    """The app's own loader on tiny Llama folders with a tokenizer: a pair of two folders swaps in and chats;
+    a draft with another vocabulary is refused by the vocabulary check, and the pair keeps serving."""
+    from test_models import OTHER_CORPUS, save_folder, tiny_llama, tiny_tokenizer
+
+    tok, other = tiny_tokenizer(), tiny_tokenizer(OTHER_CORPUS)
+    target = save_folder(tmp_path / "tiny-target", tiny_llama(len(tok)), tok)
+    draft = save_folder(tmp_path / "tiny-draft", tiny_llama(len(tok), seed=1), tok)
+    stranger = save_folder(tmp_path / "other-vocab", tiny_llama(len(other)), other)
+    settings = replace(SETTINGS, model=replace(SETTINGS.model, device="cpu", max_context=256),
+                       decoding=replace(SETTINGS.decoding, max_new_tokens=12))
+    first = FakeService()
+    demo, client = launch_with_loader(first, None, settings)  # None: the app's own loader
+    try:
+        final, statuses = load(client, "(custom)", str(target), "another model (same tokenizer)", str(draft), "auto")
+        assert final["load_status"].startswith("✔ **Now serving:** Target **tiny-target**"), final["load_status"]
+        assert "vocabulary check: compatible" in final["load_status"]
+        service = demo.specchat_handle.service
+        assert service is not first and service.pair.draft.info.name == "tiny-draft"
+        out, _ = chat(client, "Hello world", max_new_tokens=12)
+        record = out["state"]["messages"][-1]["stats"]
+        assert record["mode"] == "speculative" and record["new_tokens"] > 0 and "int8" in record["int8_path"].lower()
+
+        refused, _ = load(client, "(custom)", str(target), "another model (same tokenizer)", str(stranger), "auto")
+        assert refused["load_status"].startswith("✘ **Not loaded:**") and "vocabulary" in refused["load_status"]
+        assert demo.specchat_handle.service is service  # still serving the tiny pair
+        again, _ = chat(client, "Hello again", out["state"], max_new_tokens=12)
+        assert again["state"]["messages"][-1]["stats"]["new_tokens"] > 0
+    finally:
+        client.close()
+        demo.close()
 
 
 def test_loading_progress_and_load_errors_show_in_the_ui():

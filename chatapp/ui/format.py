@@ -289,6 +289,25 @@ def model_status_line(handle: Any) -> str:
     return f"{target} · Draft **{d.name}** ({quant}) · {params(t.parameters)} parameters"
 
 
+PICKER_OFF = (
+    "Switching models from the page is off: this server can be reached from other machines, and a switch "
+    "would change the pair for every user. Restart it with `--target` / `--draft` or `--preset`."
+)
+
+
+def reload_markdown(job: Any, handle: Any) -> str:
+    """Where a swap of the pair (handle.Reload) stands: its progress while it runs; then the pair now
+    serving, or the one-line reason it failed and the pair still serving."""
+    lines = "\n".join(f"- {cell(m)}" for m in job.progress[-8:]) or "- starting…"
+    if not job.done:
+        waited = time.perf_counter() - job.started
+        return f"**Loading the new pair…** ({waited:.0f} s; the current pair serves meanwhile)\n\n{lines}"
+    if job.swapped:
+        return f"✔ **Now serving:** {model_status_line(handle)}\n\n{lines}"
+    still = model_status_line(handle) if handle.status == "ready" else "nothing (no pair is loaded)"
+    return f"✘ **Not loaded:** {cell(job.error)}. Still serving: {still}\n\n{lines}"
+
+
 # --- the comparison ------------------------------------------------------------------
 
 COMPARE_COLUMNS = ["decoding", "ran", "tokens", "wall time (s)", "tokens/s", "acceptance rate", "speedup"]

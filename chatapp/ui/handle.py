@@ -9,6 +9,11 @@ page, the Gradio API or the OpenAI-compatible API, runs while holding it.
 `Sessions.get(request)` returns the `Session` of a Gradio request (keyed by
 its session hash). None of them knows anything about Gradio's components or
 about what a service does.
+
+`reload(factory)` swaps the pair (the Model tab): another service is built in
+a thread while the current one keeps serving, and replaces it only once it is
+fully built; a reply already running finishes on the pair it started with.
+A failed reload keeps the current service and says why, in one line.
 """
 
 from __future__ import annotations
@@ -110,6 +115,35 @@ class GenerationSlot:
         self._lock.release()
 
 
+class Reload:
+    """One swap of the service: its progress, and how it ended (`error`, or `swapped`)."""
+
+    def __init__(self, label: Any, echo: bool = False):
+        self.label = label  # what is being loaded, as the caller describes it (e.g. ModelSettings)
+        self.progress: list[str] = []
+        self.error: str | None = None
+        self.swapped = False
+        self.started = time.perf_counter()
+        self._echo = echo
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def finish(self, error: str | None = None) -> None:
+        self.error, self.swapped = error, error is None
+        self._done.set()
+
+    def report(self, message: str) -> None:
+        self.progress = (self.progress + [message])[-PROGRESS_KEPT:]
+        if self._echo:
+            print(f"specchat: {message}", file=sys.stderr, flush=True)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+
 class ServiceHandle:
     """A service that is ready, or being built by `factory(progress)` in a thread."""
 
@@ -127,6 +161,9 @@ class ServiceHandle:
         self.slot = GenerationSlot()
         self.started = time.perf_counter()
         self.ready_s: float | None = 0.0 if service is not None else None
+        self.reloading: Reload | None = None  # the latest swap of the service, running or ended
+        self.loaded_from: Any = None  # the label of the reload that built the serving service, if one did
+        self._reload_lock = threading.Lock()
 
     @classmethod
     def of(cls, service_or_factory: Any) -> ServiceHandle:
@@ -176,6 +213,31 @@ class ServiceHandle:
         self.error = message
         if self._echo:
             print(f"error: {message} (the UI stays up and shows it in the Model tab)", file=sys.stderr, flush=True)
+
+    def reload(self, factory: Callable[[Callable[[str], None]], Any], label: Any = None) -> Reload | None:
+        """Build another service with `factory(progress)` in a thread, the current one serving meanwhile,
+        and swap it in once built; None (nothing started) while the first load or another reload runs."""
+        with self._reload_lock:
+            if self.status == "loading" or (self.reloading is not None and not self.reloading.done):
+                return None
+            job = self.reloading = Reload(label, self._echo)
+        threading.Thread(target=self._swap_in, args=(job, factory), name="specchat-reload", daemon=True).start()
+        return job
+
+    def _swap_in(self, job: Reload, factory: Callable[[Callable[[str], None]], Any]) -> None:
+        try:
+            service = factory(job.report)
+        except MemoryError:
+            job.finish("out of memory loading the models; try a smaller model or another device")
+        except Exception as error:  # ModelLoadError, IncompatibleModelsError, CUDA OOM, anything
+            job.finish(_load_failure(error))
+        else:
+            # One assignment: the next reply starts on the new service, a running one ends on the old.
+            self.service, self.error, self.loaded_from = service, None, job.label
+            job.finish()
+        finally:
+            if not job.done:  # interrupted (KeyboardInterrupt, SystemExit): waiters must not wait forever
+                job.finish("the load was interrupted")
 
     def require(self) -> Any:
         if self.service is not None:

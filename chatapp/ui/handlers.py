@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import gradio as gr
@@ -31,21 +31,24 @@ import pandas as pd
 
 from ..autok import AcceptanceTracker
 from ..errors import one_line
-from ..settings import DecodingSettings, Settings
+from ..settings import DecodingSettings, Settings, SettingsError
 from .format import (
     COMPARE_COLUMNS,
     CURSOR,
     NO_STATS,
+    PICKER_OFF,
     compare_rows,
     compare_verdict,
     live_line,
     model_markdown,
     model_status_line,
+    reload_markdown,
     stats_line,
 )
 from .handle import BusyError, Cancelled, ServiceHandle, Session, Sessions, UnavailableError, session_key
 from .intake import Admission, Prepared, PromptDesk, RequestError, build_prompt, check_message, prepare, prompt_key
 from .markdown import without_remote_content
+from .picker import CUSTOM, DRAFT_OTHER, can_switch, chosen_model, preset_fields
 from .sidebar import decoding_settings
 from .state import clean_state, history, records, render_chat
 from .stats_tab import reply_caption, reply_frame, stats_summary, theory_caption, theory_frame, turns_frame
@@ -56,6 +59,10 @@ CHAT_OUTPUTS = ("chatbot", "message", "state", "stats", "tokens", "notice", "tur
 STATS_OUTPUTS = ("turn_plot", "theory_plot", "turns_table", "summary")  # what /stats returns
 COMPARE_OUTPUTS = ("standard", "speculative", "table", "verdict")  # what /compare returns
 MODEL_OUTPUTS = ("model", "status", "timer")  # what the loading timer refreshes
+PICKER_INPUTS = ("preset", "target", "draft_kind", "draft", "quantization")  # the Model tab's picker
+LOAD_OUTPUTS = ("load_status", "model", "status")  # what loading another pair updates
+LOAD_POLL_S = 0.25  # how often a load in progress is shown
+Loader = Callable[[Settings, Callable[[str], None]], Any]  # (settings, progress) -> a ready service
 MODES = ("standard", "speculative")
 
 
@@ -86,6 +93,13 @@ def _edited_text(value: Any) -> str:
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _load_service(settings: Settings, progress: Callable[[str], None]) -> Any:
+    """The app's own loader (launch.load_service): the pair, then its standard-decoding baseline."""
+    from .launch import load_service  # imported on use: launch imports this module (through the layout)
+
+    return load_service(settings, progress)
 
 
 def _warn(line: str) -> str:
@@ -124,8 +138,11 @@ class Handlers:
     """The app's event handlers over one service handle; `refuse_*` answer for a
     handler whose sidebar values the settings refused (see sidebar.decoding_endpoint)."""
 
-    def __init__(self, handle: ServiceHandle, settings: Settings):
+    def __init__(self, handle: ServiceHandle, settings: Settings, loader: Loader | None = None):
         self.handle, self.settings = handle, settings
+        self.loader = loader or _load_service  # what the Model tab's Load builds a service with
+        self.can_switch = can_switch(settings.server)
+        self.load_out = Outputs(LOAD_OUTPUTS)
         self.sessions = Sessions()
         self.token_view = TokenView()
         self.chat_out, self.stats_out = Outputs(CHAT_OUTPUTS), Outputs(STATS_OUTPUTS)
@@ -470,6 +487,62 @@ class Handlers:
     def unzoom() -> Any:
         """A plot shows all its points again."""
         return gr.update(x_lim=None)
+
+    # --- the Model tab's picker ----------------------------------------------------------
+
+    def choose_preset(self, name: str) -> tuple:
+        """A preset fills the picker's target, draft and quantization (the custom entry changes nothing)."""
+        fields = preset_fields(self._serving_model(), self.settings.presets, name)
+        if fields is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return fields.target, fields.draft_kind, fields.draft, fields.quantization
+
+    @staticmethod
+    def typed_pair() -> str:
+        """A target or draft typed in: the preset menu says custom (the pair is no longer the preset's)."""
+        return CUSTOM
+
+    @staticmethod
+    def draft_kind_changed(kind: str) -> Any:
+        """The draft's own model is typed only when the draft is another model."""
+        return gr.update(interactive=kind == DRAFT_OTHER)
+
+    def load_model(self, preset: str, target: str, draft_kind: str, draft: str, quantization: str,
+                   request: gr.Request = None) -> Iterator[tuple]:
+        """Load the chosen pair while the current one serves, showing the progress; it replaces the current
+        pair once loaded and checked (the vocabulary check included); a failure keeps the current pair."""
+        if not self.can_switch:
+            yield self.load_out(load_status=_warn(PICKER_OFF))
+            return
+        try:
+            model = chosen_model(self.settings, self._serving_model(), target, draft_kind, draft, quantization)
+        except SettingsError as error:
+            yield self.load_out(load_status=_warn(f"Not loaded: {one_line(error)}"))
+            return
+        job = self.handle.reload(lambda progress: self._load(model, progress), label=model)
+        if job is None:
+            yield self.load_out(load_status=_warn("Models are being loaded already: wait for that to end."))
+            return
+        shown = None
+        while not job.wait(LOAD_POLL_S):
+            if job.progress != shown:
+                shown = list(job.progress)
+                yield self.load_out(load_status=reload_markdown(job, self.handle))
+        if job.error:
+            gr.Warning(f"Not loaded: {job.error}")
+        yield self.load_out(load_status=reload_markdown(job, self.handle), model=model_markdown(self.handle),
+                            status=model_status_line(self.handle))
+
+    def _load(self, model: Any, progress: Callable[[str], None]) -> Any:
+        """A service for `model` (on the handle's reload thread); its vocabulary check is shown before the
+        handle swaps it in."""
+        service = self.loader(dataclasses.replace(self.settings, model=model), progress)
+        progress(f"vocabulary check: {service.pair.compatibility}")
+        return service
+
+    def _serving_model(self) -> Any:
+        """The [model] settings of the pair serving now (the settings' until the picker loaded another)."""
+        return self.handle.loaded_from or self.settings.model
 
     def model_info(self) -> str:
         """The Model tab's text: both models, compatibility, load time (or the load progress/error)."""

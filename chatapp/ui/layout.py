@@ -1,15 +1,18 @@
 """The page: the Blocks layout and which handler each event calls.
 
-Contract: `build_app(service_or_factory, settings)` returns the gr.Blocks
+Contract: `build_app(service_or_factory, settings, loader=None)` returns the gr.Blocks
 (not launched; launch.launch_app adds the theme and CSS). The models are
 reached only through the service handle that the handlers hold, so tests
 can pass a scripted fake; `service_or_factory` is a ChatService-like object,
 a ServiceHandle, or `factory(progress) -> service` (loaded in a background
-thread while the page is already up). Components are named by the handlers'
+thread while the page is already up). `loader(settings, progress) -> service`
+is what the Model tab's Load builds another pair with (default: the app's own,
+launch.load_service). Components are named by the handlers'
 output names (handlers.CHAT_OUTPUTS, ...); this module decides only where
 they sit and what triggers what. API names: /chat (the plain one, for other
 programs: chatapp.ui.api), /send (the page's own chat, with the browser
-state), /regenerate, /stop, /clear, /compare, /restore, /stats, /model_info.
+state), /regenerate, /stop, /clear, /compare, /restore, /stats, /model_info;
+undocumented: /undo and /load_model (the page's own controls).
 
 All generation shares one queue slot (concurrency id GENERATION), so waiting
 users see their position in the queue; the queue holds at most
@@ -29,9 +32,19 @@ import pandas as pd
 
 from ..settings import MESSAGE_CHARS_MAX, Settings, load_settings
 from .api import add_chat_api
-from .format import COMPARE_COLUMNS, NO_STATS, SPEEDUP_METHOD, model_markdown, model_status_line
+from .format import COMPARE_COLUMNS, NO_STATS, PICKER_OFF, SPEEDUP_METHOD, model_markdown, model_status_line
 from .handle import ServiceHandle
-from .handlers import CHAT_OUTPUTS, COMPARE_OUTPUTS, MODEL_OUTPUTS, STATS_OUTPUTS, Handlers
+from .handlers import (
+    CHAT_OUTPUTS,
+    COMPARE_OUTPUTS,
+    LOAD_OUTPUTS,
+    MODEL_OUTPUTS,
+    PICKER_INPUTS,
+    STATS_OUTPUTS,
+    Handlers,
+    Loader,
+)
+from .picker import DRAFT_KINDS, DRAFT_OTHER, QUANTIZATIONS, can_switch, picker_fields, preset_choices
 from .sidebar import SIDEBAR_FIELDS, build_sidebar, decoding_endpoint, decoding_validator, without
 from .state import EMPTY_STATE, STORAGE_KEY
 from .stats_tab import REPLY_COLORS, REPLY_PLOT, THEORY_PLOT, stats_summary, turns_frame
@@ -62,17 +75,23 @@ EXAMPLE_PROMPTS = (  # shown on an empty chat
 )
 # Send gives way to Stop at once, in the browser, when a reply is asked for (the server's answer comes later).
 BUSY_JS = "() => [{__type__: 'update', visible: false}, {__type__: 'update', visible: true}]"
+PICKER_INTRO = (
+    "The new pair loads while the current one keeps serving, and replaces it only once it is loaded and its "
+    "vocabulary checked against the target's; a failed load keeps the current pair. For this run of the app "
+    "only: the settings file is not changed."
+)
 COMPARE_INTRO = (
     "One prompt, answered by standard decoding and by speculative decoding with the sidebar's "
     "settings (same seed, same device, fresh caches for each run). The order alternates each click."
 )
 
 
-def build_app(service_or_factory: Any, settings: Settings | None = None) -> gr.Blocks:
+def build_app(service_or_factory: Any, settings: Settings | None = None, *,
+              loader: Loader | None = None) -> gr.Blocks:
     """The Blocks app (see the module docstring)."""
     settings = settings if settings is not None else load_settings()
     handle = ServiceHandle.of(service_or_factory)
-    handlers = Handlers(handle, settings)
+    handlers = Handlers(handle, settings, loader)
     with gr.Blocks(title="SpecChat · speculative decoding", analytics_enabled=False, fill_width=True) as demo:
         page = {"state": gr.BrowserState(EMPTY_STATE, storage_key=STORAGE_KEY)}
         sidebar = build_sidebar(settings.decoding)
@@ -83,8 +102,7 @@ def build_app(service_or_factory: Any, settings: Settings | None = None) -> gr.B
             page.update(_chat_tab())
             page.update(_stats_tab(handle))
             page.update(_compare_tab())
-            with gr.Tab("Model", id="model"):
-                page["model"] = gr.Markdown(model_markdown(handle), elem_id="model-info")
+            page.update(_model_tab(handle, settings))
         page["timer"] = gr.Timer(1.0, active=handle.status == "loading")
         demo.specchat_chat_event = _wire(demo, page, sidebar, handlers, settings)
         demo.queue(default_concurrency_limit=1, max_size=settings.server.max_queue)
@@ -145,7 +163,8 @@ def _stats_tab(handle: ServiceHandle) -> dict[str, Any]:
             # Native plots: the browser draws them from the frames (drag over one to zoom, double-click back).
             # No points until the tab is opened (the browser draws a native plot for the series it first sees).
             turn_plot = gr.LinePlot(None, **REPLY_PLOT, color_map=REPLY_COLORS, elem_id="turn-plot",
-                                    title="Per reply: acceptance rate and speedup", x_title="reply in this conversation",
+                                    title="Per reply: acceptance rate and speedup",
+                                    x_title="reply in this conversation",
                                     y_title="rate (fraction) · speedup (×)", tooltip="all",
                                     buttons=["fullscreen", "export"])
             theory_plot = gr.ScatterPlot(None, **THEORY_PLOT, elem_id="theory-plot",
@@ -183,6 +202,35 @@ def _compare_tab() -> dict[str, Any]:
         verdict = gr.Markdown("", elem_id="compare-verdict")
     return dict(prompt=prompt, compare=run, compare_stop=stop, standard=standard, speculative=speculative,
                 table=table, verdict=verdict)
+
+
+def _model_tab(handle: ServiceHandle, settings: Settings) -> dict[str, Any]:
+    """The pair: a picker for another one (when this server allows it), then what serves now."""
+    fields = picker_fields(settings.model, settings.presets)
+    on = can_switch(settings.server)
+    with gr.Tab("Model", id="model"):
+        with gr.Accordion("Load another pair", open=True, elem_id="model-picker"):
+            gr.Markdown(PICKER_INTRO)
+            preset = gr.Dropdown(preset_choices(settings.presets), value=fields.preset, label="Preset",
+                                 info="a pair from the settings file's [presets]", elem_id="model-preset",
+                                 interactive=on)
+            target = gr.Textbox(fields.target, label="Target (verifies)", elem_id="model-target", interactive=on,
+                                info="a hub id (org/name), a local folder, a .gguf file, or embedded:NAME")
+            with gr.Row(equal_height=True):
+                draft_kind = gr.Radio(list(DRAFT_KINDS), value=fields.draft_kind, label="Draft (proposes)",
+                                      elem_id="model-draft-kind", interactive=on, scale=2)
+                quantization = gr.Dropdown(list(QUANTIZATIONS), value=fields.quantization,
+                                           label="Draft quantization", elem_id="model-quantization",
+                                           info="auto = int8 weight-only; bnb-int8 needs CUDA; none = unquantized",
+                                           interactive=on, scale=1)
+            draft = gr.Textbox(fields.draft, label="Draft model", elem_id="model-draft",
+                               info="a hub id, a folder or a .gguf file of the target's family (same tokenizer)",
+                               interactive=on and fields.draft_kind == DRAFT_OTHER)
+            load = gr.Button("⟳ Load this pair", variant="primary", elem_id="model-load-btn", interactive=on)
+            load_status = gr.Markdown("" if on else PICKER_OFF, elem_id="model-load-status")
+        model = gr.Markdown(model_markdown(handle), elem_id="model-info")
+    return dict(preset=preset, target=target, draft_kind=draft_kind, draft=draft, quantization=quantization,
+                load=load, load_status=load_status, model=model)
 
 
 def _pick(page: dict[str, Any], names: tuple[str, ...]) -> list:
@@ -258,5 +306,12 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
         plot.double_click(h.unzoom, None, plot, **hidden)
     demo.load(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)
     gr.api(h.model_info, api_name="model_info", queue=False)
+    picker = _pick(page, PICKER_INPUTS)
+    page["preset"].change(h.choose_preset, page["preset"], picker[1:], **hidden)
+    page["draft_kind"].change(h.draft_kind_changed, page["draft_kind"], page["draft"], **hidden)
+    gr.on([page["target"].input, page["draft"].input], h.typed_pair, None, page["preset"], **hidden)
+    page["load"].click(h.load_model, picker, _pick(page, LOAD_OUTPUTS), api_name="load_model",
+                       api_visibility="undocumented", show_progress="minimal",
+                       concurrency_limit=None)  # one load at a time (the handle's rule): the next is told at once
     page["timer"].tick(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)
     return chat_event
