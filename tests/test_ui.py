@@ -24,6 +24,7 @@ from chatapp.stats import expected_speedup
 from chatapp.ui.format import choice_text, stats_line, stats_title
 from chatapp.ui.handle import ServiceHandle
 from chatapp.ui.handlers import LOAD_OUTPUTS, Handlers
+from chatapp.ui.picker import DRAFT_OTHER
 from chatapp.ui.sidebar import SIDEBAR_FIELDS, decoding_endpoint
 from fake_engine import DRAFT_STEP_S, PREFILL_S, VERIFY_STEP_S, FakeService, FakeTurn, fake_loader
 
@@ -497,10 +498,10 @@ def launch_with_loader(service, loader, settings=SETTINGS):
     return demo, Client(url, verbose=False)
 
 
-def load(client, *picker):
+def load(client, *picker, timeout=60):
     """Press Load with the picker's values; the final outputs by name, and the streamed load statuses."""
     job = client.submit(*picker, api_name="/load_model")
-    final = dict(zip(LOAD_OUTPUTS, job.result(timeout=60)))
+    final = dict(zip(LOAD_OUTPUTS, job.result(timeout=timeout)))
     return final, [dict(zip(LOAD_OUTPUTS, out))["load_status"] for out in job.outputs()]
 
 
@@ -537,7 +538,7 @@ def test_a_failed_load_keeps_the_pair_serving_and_says_why_in_one_line():
     first = FakeService()
     demo, client = launch_with_loader(first, fake_loader)
     try:
-        final, _ = load(client, "(custom)", "tiny/target", "another model (same tokenizer)", "tiny/incompatible", "auto")
+        final, _ = load(client, "(custom)", "tiny/target", DRAFT_OTHER, "tiny/incompatible", "auto")
         status = final["load_status"]
         assert status.startswith("✘ **Not loaded:** 'tiny/incompatible' does not speak 'tiny/target''s vocabulary")
         assert "Still serving: Target **FakeLM-135M**" in status and "\n" not in status.split("\n\n")[0]
@@ -588,7 +589,7 @@ def test_a_second_load_waits_for_the_first_and_a_failed_start_can_be_mended():
 def test_presets_fill_the_picker_and_a_shared_server_does_not_switch(fake):
     h = handlers_over(fake)
     preset = SETTINGS.presets["qwen2.5-7b"]
-    assert h.choose_preset("qwen2.5-7b") == (preset["target"], "another model (same tokenizer)", preset["draft"], "auto")
+    assert h.choose_preset("qwen2.5-7b") == (preset["target"], DRAFT_OTHER, preset["draft"], "auto")
     assert h.choose_preset("(custom)") == (gr.skip(),) * 4  # the custom entry leaves the picker as it is
     shared = replace(SETTINGS, server=replace(SETTINGS.server, host="0.0.0.0"))
     for settings in (shared, replace(SETTINGS, server=replace(SETTINGS.server, share=True))):
@@ -612,7 +613,9 @@ def test_the_model_tab_loads_local_model_folders(tmp_path):
     first = FakeService()
     demo, client = launch_with_loader(first, None, settings)  # None: the app's own loader
     try:
-        final, statuses = load(client, "(custom)", str(target), "another model (same tokenizer)", str(draft), "auto")
+        # The first load of the CPU kernels builds them (minutes on a busy 2-core machine).
+        final, _ = load(client, "(custom)", str(target), "another model (same tokenizer)", str(draft), "auto",
+                        timeout=900)
         assert final["load_status"].startswith("✔ **Now serving:** Target **tiny-target**"), final["load_status"]
         assert "vocabulary check: compatible" in final["load_status"]
         service = demo.specchat_handle.service
