@@ -31,7 +31,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="settings file (default: settings.toml, or $SPECCHAT_CONFIG)")
     parser.add_argument("--target", help="target model: hub id, local folder, .gguf file or embedded:NAME")
     parser.add_argument("--draft", help="draft model (default: INT8 copy of the target)")
-    parser.add_argument("--preset", help="a [presets.NAME] pair from the settings file")
+    parser.add_argument("--preset", help="a [presets.NAME] pair from the settings file (--target/--draft win over it)")
     parser.add_argument("--device", help="auto, cpu or cuda")
 
 
@@ -93,6 +93,7 @@ def _settings(args):
     overrides = {
         "model.target": getattr(args, "target", None),
         "model.draft": getattr(args, "draft", None),
+        "model.preset": getattr(args, "preset", None),  # under --target/--draft (chatapp.settings' precedence)
         "model.device": getattr(args, "device", None),
         "decoding.mode": getattr(args, "mode", None),
         "decoding.k": getattr(args, "k", None) if isinstance(getattr(args, "k", None), int) else None,
@@ -110,12 +111,7 @@ def _settings(args):
         "server.open_browser": False if getattr(args, "no_browser", False) else None,
         "server.openai_api": getattr(args, "openai_api", None),
     }
-    settings = load_settings(args.config, overrides=overrides)
-    if getattr(args, "preset", None):
-        from .settings import apply_preset
-
-        settings = apply_preset(settings, args.preset)
-    return settings
+    return load_settings(args.config, overrides=overrides)
 
 
 def _load(settings, quiet: bool = False):

@@ -6,6 +6,21 @@ explicit overrides given as dotted keys (``{"decoding.k": 8}``). Every value is
 checked against its field's type and against the one rule table ``_RULES``;
 a bad value raises ``SettingsError`` with a one-line message naming the dotted
 key and where the value came from. Settings are never written back.
+
+A preset (``model.preset``, one of the file's ``[presets.NAME]`` pairs) sets
+``model.target`` and ``model.draft`` in the layer that names it. In the file
+it wins over the file's own target and draft (the shipped file spells them
+out, so a preset chosen there must replace them); in the environment and on
+the command line an explicit target or draft wins over the preset beside it.
+So, lowest first:
+
+    [model] target/draft  <  [model] preset                       (the file)
+      <  SPECCHAT_MODEL_PRESET  <  SPECCHAT_MODEL_TARGET/_DRAFT     (the environment)
+      <  --preset  <  --target/--draft                              (the command line)
+
+``model.preset`` then names the preset the pair came from, or is "" when the
+final target and draft are not that preset's pair (a later or explicit
+target or draft changed it).
 """
 
 import dataclasses
@@ -71,6 +86,7 @@ class SettingsError(ValueError):
 class ModelSettings:
     target: str = "embedded:smollm2-135m-instruct"  # hub id, local folder, .gguf path, or "embedded:..."
     draft: str = ""  # "" = INT8 copy of the target
+    preset: str = ""  # a [presets.NAME] pair: sets target and draft (see the precedence above); "" = none
     device: str = "auto"
     target_dtype: str = "auto"
     draft_quantization: str = "auto"
@@ -315,6 +331,36 @@ def _override_layer(overrides: Mapping[str, object] | None, source: str) -> dict
     return values
 
 
+def _unknown_preset(name: str, presets: Mapping[str, Any], presets_source: str, source: str) -> SettingsError:
+    available = ", ".join(sorted(presets)) or "(none)"
+    return _fail(source, f"unknown preset {name!r} (no [presets.{name}] in {presets_source}); "
+                         f"available presets: {available}")
+
+
+def _spell_out_preset(layer: dict[str, dict[str, Any]], presets: Mapping[str, Mapping[str, str]],
+                      presets_source: str, source: str, *, explicit_wins: bool = True) -> dict[str, dict[str, Any]]:
+    """The layer with its model.preset spelled out as target and draft: under the layer's own target and
+    draft when `explicit_wins` (the environment, the command line), over them otherwise (the file)."""
+    model = layer["model"]
+    name = model.get("preset")
+    if not name:
+        return layer
+    preset = presets.get(name)
+    if preset is None:
+        raise _unknown_preset(name, presets, presets_source, source)
+    pair = {"target": preset["target"], "draft": preset.get("draft") or ""}
+    return {**layer, "model": {**pair, **model} if explicit_wins else {**model, **pair}}
+
+
+def _preset_kept(model: dict[str, Any], presets: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """model.preset stays only while the final target and draft are the preset's pair."""
+    preset = presets.get(model.get("preset") or "")
+    pair = (model.get("target"), model.get("draft", ""))
+    if preset is not None and pair == (preset["target"], preset.get("draft") or ""):
+        return model
+    return {**model, "preset": ""} if "preset" in model else model
+
+
 def _merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for layer in layers:
@@ -342,9 +388,14 @@ def load_settings(
     path = Path(path).expanduser()
     source = str(path)
     file_values, presets = _file_layer(_read_toml(path), source)
-    merged = _merge(file_values, _env_layer(env), _override_layer(overrides, COMMAND_LINE))
+    merged = _merge(
+        _spell_out_preset(file_values, presets, source, source, explicit_wins=False),
+        _spell_out_preset(_env_layer(env), presets, source, f"environment variable {ENV_PREFIX}MODEL_PRESET"),
+        _spell_out_preset(_override_layer(overrides, COMMAND_LINE), presets, source, COMMAND_LINE),
+    )
+    model = _preset_kept({**dataclasses.asdict(ModelSettings()), **merged["model"]}, presets)
     return Settings(
-        model=ModelSettings(**merged["model"]),
+        model=ModelSettings(**model),
         decoding=DecodingSettings(**merged["decoding"]),
         server=ServerSettings(**merged["server"]),
         presets=presets,
@@ -354,8 +405,12 @@ def load_settings(
 
 
 def with_overrides(settings: Settings, overrides: Mapping[str, object], *, source: str = COMMAND_LINE) -> Settings:
-    """A copy of ``settings`` with dotted-key overrides applied (validated; None values skipped)."""
-    layer = _override_layer(overrides, source)
+    """A copy of ``settings`` with dotted-key overrides applied (validated; None values skipped), as the
+    command line's layer: a model.preset among them sets the target and draft, and an explicit target or
+    draft among them wins over it."""
+    layer = _spell_out_preset(_override_layer(overrides, source), settings.presets, settings.source, source)
+    if layer["model"]:
+        layer["model"] = _preset_kept({**dataclasses.asdict(settings.model), **layer["model"]}, settings.presets)
     return dataclasses.replace(
         settings,
         **{s: dataclasses.replace(getattr(settings, s), **layer[s]) for s in _SECTIONS if layer[s]},
@@ -363,10 +418,9 @@ def with_overrides(settings: Settings, overrides: Mapping[str, object], *, sourc
 
 
 def apply_preset(settings: Settings, name: str) -> Settings:
-    """A copy of ``settings`` whose model.target/draft come from ``[presets.NAME]``."""
+    """A copy of ``settings`` whose model.target/draft come from ``[presets.NAME]``, whatever set them."""
     preset = settings.presets.get(name)
     if preset is None:
-        available = ", ".join(sorted(settings.presets)) or "(none)"
-        raise _fail(settings.source, f"unknown preset {name!r} (no [presets.{name}]); available presets: {available}")
-    model = dataclasses.replace(settings.model, target=preset["target"], draft=preset.get("draft", ""))
+        raise _unknown_preset(name, settings.presets, settings.source, settings.source)
+    model = dataclasses.replace(settings.model, target=preset["target"], draft=preset.get("draft", ""), preset=name)
     return dataclasses.replace(settings, model=model)

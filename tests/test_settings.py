@@ -1,6 +1,7 @@
 """Tests for chatapp.settings: file, environment and override layers, and validation."""
 
 import dataclasses
+import os
 import tomllib
 
 import pytest
@@ -343,6 +344,87 @@ def test_apply_preset_sets_target_and_draft(settings_file):
     assert (solo.model.target, solo.model.draft) == ("org/Solo-1B", "")
     assert big.decoding == settings.decoding and big.model.device == settings.model.device
     assert settings.model.target == "from-file"
+
+
+# --- presets and the precedence of the model's target and draft ---------------------------------
+
+FILE_WITH_PRESET = '[model]\ntarget = "file/target"\ndraft = "file/draft"\npreset = "big"\n' + PRESETS_TOML
+BIG, SOLO = ("org/Big-7B", "org/Small-0.5B"), ("org/Solo-1B", "")
+
+
+def pair(settings) -> tuple[str, str, str]:
+    return settings.model.target, settings.model.draft, settings.model.preset
+
+
+def test_a_preset_in_the_file_wins_over_the_files_target_and_draft(write_toml):
+    assert pair(load_settings(write_toml(FILE_WITH_PRESET), env={})) == (*BIG, "big")
+    plain = load_settings(write_toml('[model]\ntarget = "file/target"\n' + PRESETS_TOML), env={})
+    assert pair(plain) == ("file/target", "", "")
+    # The environment's explicit draft over the file's preset; the preset's target stays.
+    assert pair(load_settings(write_toml(FILE_WITH_PRESET), env={"SPECCHAT_MODEL_DRAFT": ""})) == (BIG[0], "", "")
+
+
+def test_the_environment_wins_over_the_file_and_its_preset(write_toml):
+    path = write_toml(FILE_WITH_PRESET)
+    # The environment's target over the file's preset; the preset's draft stays, so the pair is no longer "big".
+    assert pair(load_settings(path, env={"SPECCHAT_MODEL_TARGET": "env/target"})) == ("env/target", BIG[1], "")
+    assert pair(load_settings(path, env={"SPECCHAT_MODEL_PRESET": "solo"})) == (*SOLO, "solo")
+    # A target or draft beside the environment's preset wins over it.
+    both = {"SPECCHAT_MODEL_PRESET": "solo", "SPECCHAT_MODEL_DRAFT": "env/draft"}
+    assert pair(load_settings(path, env=both)) == (SOLO[0], "env/draft", "")
+
+
+def test_the_command_line_preset_wins_over_the_environment_and_its_target_and_draft_over_it(write_toml):
+    path = write_toml(FILE_WITH_PRESET)
+    env = {"SPECCHAT_MODEL_TARGET": "env/target", "SPECCHAT_MODEL_PRESET": "solo"}
+    assert pair(load_settings(path, env=env)) == ("env/target", "", "")  # the env's explicit target over its preset
+    assert pair(load_settings(path, env=env, overrides={"model.preset": "big"})) == (*BIG, "big")
+    cli = {"model.preset": "big", "model.target": "cli/target"}
+    assert pair(load_settings(path, env=env, overrides=cli)) == ("cli/target", BIG[1], "")
+    assert pair(load_settings(path, env=env, overrides={"model.draft": "cli/draft"})) == ("env/target", "cli/draft", "")
+
+
+@pytest.mark.parametrize("where, kwargs", [
+    ("settings_", dict(env={})),  # the file's own name
+    ("environment variable SPECCHAT_MODEL_PRESET", dict(env={"SPECCHAT_MODEL_PRESET": "nope"})),
+    ("command line", dict(env={}, overrides={"model.preset": "nope"})),
+])
+def test_an_unknown_preset_is_one_line_naming_where_it_was_asked_for(write_toml, where, kwargs):
+    text = PRESETS_TOML if kwargs.get("env") or kwargs.get("overrides") else '[model]\npreset = "nope"\n' + PRESETS_TOML
+    path = write_toml(text)
+    error = expect_error("unknown preset 'nope'", "available presets: big, solo", where, path=path, **kwargs)
+    assert str(error).startswith(where if where != "settings_" else str(path))
+
+
+def test_the_cli_follows_the_precedence(write_toml, monkeypatch):
+    """--preset used to override --target and the environment silently."""
+    from chatapp.cli import _settings, build_parser
+
+    path = str(write_toml(FILE_WITH_PRESET))
+    for var in [v for v in os.environ if v.startswith("SPECCHAT_")]:
+        monkeypatch.delenv(var)
+
+    def cli(*flags):
+        return pair(_settings(build_parser().parse_args(["generate", "--prompt", "hi", "--config", path, *flags])))
+
+    assert cli() == (*BIG, "big")
+    monkeypatch.setenv("SPECCHAT_MODEL_TARGET", "env/target")
+    assert cli() == ("env/target", BIG[1], "")  # the environment over the file's preset
+    assert cli("--preset", "solo") == (*SOLO, "solo")  # --preset over the environment
+    assert cli("--preset", "solo", "--target", "cli/target") == ("cli/target", "", "")  # --target over --preset
+    assert cli("--target", "cli/target", "--draft", "cli/draft") == ("cli/target", "cli/draft", "")
+    monkeypatch.setenv("SPECCHAT_MODEL_PRESET", "solo")
+    monkeypatch.delenv("SPECCHAT_MODEL_TARGET")
+    assert cli() == (*SOLO, "solo")  # a preset chosen in the environment
+
+
+def test_with_overrides_spells_out_a_preset_and_names_it_only_for_its_pair(settings_file):
+    settings = load_settings(settings_file, env={})
+    big = with_overrides(settings, {"model.preset": "big"})
+    assert pair(big) == (*BIG, "big") and big.decoding == settings.decoding
+    assert pair(with_overrides(big, {"model.draft": "other/draft"})) == (BIG[0], "other/draft", "")
+    assert pair(with_overrides(big, {"model.device": "cpu"})) == (*BIG, "big")  # the pair is still the preset's
+    assert pair(apply_preset(settings, "solo")) == (*SOLO, "solo")
 
 
 def test_apply_unknown_preset_lists_available(settings_file):
