@@ -130,7 +130,7 @@ def cmd_generate(args) -> int:
     from .ui.format import stats_line
 
     pair = _load(settings, quiet=args.json)
-    service = ChatService(pair)
+    service = ChatService(pair, max_reply_seconds=settings.limits.max_reply_seconds)
     service.calibrate()
     history = [{"role": "user", "content": args.prompt}]
     turn = service.start_turn(history, settings.decoding, system=args.system)
