@@ -534,6 +534,30 @@ def test_the_model_tab_swaps_the_pair_once_loaded_and_serves_meanwhile():
         demo.close()
 
 
+def test_prompts_prepared_for_the_old_pair_are_not_used_after_a_swap():
+    """A request's prompt is built (as token ids) when it joins the queue; one built before a swap must be built
+    again for the new pair's tokenizer."""
+    from chatapp.ui.intake import Prepared, PromptDesk
+
+    desk = PromptDesk()
+    before = Prepared("a", 0, prompt="old ids")
+    desk.put("k", before)
+    late = Prepared("b", 0, prompt="old ids too")  # made before the swap, put after it
+    desk.forget(time.monotonic())
+    desk.put("k2", late)
+    assert desk.take("k", "a", 0) is None and desk.take("k2", "b", 0) is None and len(desk) == 0
+    after = Prepared("c", 0, prompt="new ids")
+    desk.put("k", after)
+    assert desk.take("k", "c", 0) is after
+
+    # The Model tab's Load has the handlers' desk forget what was prepared before its swap.
+    h = Handlers(ServiceHandle(FakeService()), SETTINGS, functools.partial(fake_loader, step_s=0))
+    h.prepare_chat("a message", EMPTY, SETTINGS.decoding)
+    assert len(h.desk) == 1
+    *_, final = h.load_model(*PICK_OTHER)
+    assert final[0].startswith("✔") and len(h.desk) == 0
+
+
 def test_a_failed_load_keeps_the_pair_serving_and_says_why_in_one_line():
     first = FakeService()
     demo, client = launch_with_loader(first, fake_loader)

@@ -214,17 +214,22 @@ class ServiceHandle:
         if self._echo:
             print(f"error: {message} (the UI stays up and shows it in the Model tab)", file=sys.stderr, flush=True)
 
-    def reload(self, factory: Callable[[Callable[[str], None]], Any], label: Any = None) -> Reload | None:
+    def reload(self, factory: Callable[[Callable[[str], None]], Any], label: Any = None,
+               swapped: Callable[[], None] = lambda: None) -> Reload | None:
         """Build another service with `factory(progress)` in a thread, the current one serving meanwhile,
-        and swap it in once built; None (nothing started) while the first load or another reload runs."""
+        and swap it in once built, then call `swapped()` (to drop what was made for the old service); None
+        (nothing started) while the first load or another reload runs."""
         with self._reload_lock:
             if self.status == "loading" or (self.reloading is not None and not self.reloading.done):
                 return None
             job = self.reloading = Reload(label, self._echo)
-        threading.Thread(target=self._swap_in, args=(job, factory), name="specchat-reload", daemon=True).start()
+        thread = threading.Thread(target=self._swap_in, args=(job, factory, swapped), name="specchat-reload",
+                                  daemon=True)
+        thread.start()
         return job
 
-    def _swap_in(self, job: Reload, factory: Callable[[Callable[[str], None]], Any]) -> None:
+    def _swap_in(self, job: Reload, factory: Callable[[Callable[[str], None]], Any],
+                 swapped: Callable[[], None]) -> None:
         try:
             service = factory(job.report)
         except MemoryError:
@@ -234,6 +239,7 @@ class ServiceHandle:
         else:
             # One assignment: the next reply starts on the new service, a running one ends on the old.
             self.service, self.error, self.loaded_from = service, None, job.label
+            swapped()
             job.finish()
         finally:
             if not job.done:  # interrupted (KeyboardInterrupt, SystemExit): waiters must not wait forever

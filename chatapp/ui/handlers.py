@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -519,7 +520,9 @@ class Handlers:
         except SettingsError as error:
             yield self.load_out(load_status=_warn(f"Not loaded: {one_line(error)}"))
             return
-        job = self.handle.reload(lambda progress: self._load(model, progress), label=model)
+        # Prompts prepared before the swap hold the old tokenizer's ids: the desk drops them once it is done.
+        job = self.handle.reload(lambda progress: self._load(model, progress), label=model,
+                                 swapped=lambda: self.desk.forget(time.monotonic()))
         if job is None:
             yield self.load_out(load_status=_warn("Models are being loaded already: wait for that to end."))
             return

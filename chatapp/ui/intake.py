@@ -169,9 +169,12 @@ class PromptDesk:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, list[Prepared]] = OrderedDict()
+        self._valid_from = 0.0  # requests prepared before this (monotonic) were built for a pair swapped out
 
     def put(self, key: str, prepared: Prepared) -> None:
         with self._lock:
+            if prepared.made < self._valid_from:  # its prompt may hold the old tokenizer's ids
+                return
             self._entries.setdefault(key, []).append(prepared)
             self._entries.move_to_end(key)
             while len(self._entries) > self.KEPT:
@@ -193,6 +196,18 @@ class PromptDesk:
         if prepared is not None and prepared.session != session:
             prepared = Prepared(session, stops, prepared.prompt, prepared.error, prepared.made)
         return prepared
+
+    def forget(self, before: float) -> None:
+        """Drop the requests prepared before `before` (time.monotonic()), now and when they are put: the
+        Model tab swapped the pair since, and their prompts are the old tokenizer's ids."""
+        with self._lock:
+            self._valid_from = max(self._valid_from, before)
+            for key in list(self._entries):
+                kept = [p for p in self._entries[key] if p.made >= self._valid_from]
+                if kept:
+                    self._entries[key] = kept
+                else:
+                    del self._entries[key]
 
     def __len__(self) -> int:
         return len(self._entries)
