@@ -339,6 +339,25 @@ def test_the_best_variant_unless_the_environment_names_one(monkeypatch):
     assert loader.chosen_variant() is None
 
 
+def test_avx2_leaves_out_avx_vnni_only_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(loader, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
+    assert "-mno-avxvnni" in loader.variant_flags("avx2") and "-mno-avx512f" in loader.variant_flags("avx2")
+    monkeypatch.setattr(loader, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert "-mno-avxvnni" not in loader.variant_flags("avx2")  # GCC < 11 does not know the flag
+
+
+def test_a_variant_that_does_not_build_falls_back_to_the_next(monkeypatch):
+    monkeypatch.setattr(loader, "cpu_flags", lambda: AVX512_FLAGS)
+    monkeypatch.setattr(loader.platform, "machine", lambda: "x86_64")
+    for name in (loader.VARIANT_ENV, "SPECCHAT_DISABLE_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+    built = []
+    monkeypatch.setattr(loader, "_load", lambda name: built.append(name) or (name if name == "avx2" else None))
+    assert cpu_kernels() == "avx2" and built == ["avx512", "avxvnni", "avx2"]
+    monkeypatch.setenv(loader.VARIANT_ENV, "avx512")  # a named variant gets no substitute
+    assert cpu_kernels() is None
+
+
 def test_this_cpu_runs_its_default_variant():
     best = loader.chosen_variant()
     if best is None:

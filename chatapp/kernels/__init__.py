@@ -3,7 +3,7 @@
 Contract: `cpu_kernels(variant=None)` returns the compiled module of one
 variant, or None where it cannot be built. Each variant is the same source
 compiled with other flags, under its own module name and folder in the cache
-(cache_dir()/kernels/<variant>), so the first use of each takes ~25 s and
+(cache_dir()/kernels/<variant>), so the first use of each takes ~15-25 s and
 later starts load it directly:
 
     avx512    -march=native, on CPUs with AVX-512 F/BW (VNNI used where present)
@@ -44,7 +44,7 @@ TORCH = "torch"  # the value of VARIANT_ENV that turns the kernels off
 VARIANT_FLAGS: dict[str, list[str]] = {
     "avx512": ["-march=native"],
     "avxvnni": ["-march=native", "-mno-avx512f"],
-    "avx2": ["-march=native", "-mno-avx512f", "-mno-avxvnni"],
+    "avx2": ["-march=native", "-mno-avx512f"],  # + -mno-avxvnni where the CPU has it (see variant_flags)
     "portable": [],
 }
 VARIANTS = tuple(VARIANT_FLAGS)
@@ -115,13 +115,30 @@ def variant_forced() -> bool:
     return bool(os.environ.get(VARIANT_ENV, "").strip()) or os.environ.get("SPECCHAT_DISABLE_KERNELS") == "1"
 
 
+def variant_flags(variant: str) -> list[str]:
+    """The compiler flags of `variant` on this CPU."""
+    flags = list(VARIANT_FLAGS[variant])
+    if variant == "avx2" and "avx_vnni" in cpu_flags():
+        flags.append("-mno-avxvnni")  # only here: a compiler older than GCC 11 does not know the flag
+    return flags
+
+
 def cpu_kernels(variant: str | None = None):
-    """The compiled module of `variant` (default: chosen_variant()), or None where it cannot be built."""
-    if variant is None:
-        variant = chosen_variant()
-        if variant is None:
-            return None
-    return _load(variant)
+    """The compiled module of `variant`, or None where it cannot be built. Without
+    one: the variant $SPECCHAT_KERNEL_VARIANT names, else the best this CPU runs
+    that builds (a compiler too old for AVX-512 code still builds avx2)."""
+    if variant is not None:
+        return _load(variant)
+    chosen = chosen_variant()
+    if chosen is None:
+        return None
+    if variant_forced():
+        return _load(chosen)
+    for name in supported_variants():
+        module = _load(name)
+        if module is not None:
+            return module
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,7 +155,7 @@ def _load(variant: str):
         return load(
             name=f"specchat_cpu_kernels_{variant}",
             sources=[str(SOURCE)],
-            extra_cflags=COMMON_FLAGS + VARIANT_FLAGS[variant] + [f"-DSPECCHAT_VARIANT={variant}"],
+            extra_cflags=COMMON_FLAGS + variant_flags(variant) + [f"-DSPECCHAT_VARIANT={variant}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             verbose=False,
