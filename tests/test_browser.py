@@ -1,9 +1,11 @@
 """The UI in headless Chromium (Debian's package; `make test` installs it):
 send a message, see the streamed reply, its stats and the token view, survive
 a reload; once with a scripted fake service, once with the real embedded pair.
-Saves artifacts/browser-chat.png and artifacts/browser-real.png; with
-SPECCHAT_UPDATE_SCREENSHOT=1 the real one becomes the README's
-docs/screenshot.png."""
+Also the chat's own controls (Stop, retry, edit, undo, examples), and the
+Model tab switching the pair. Saves artifacts/browser-*.png; with
+SPECCHAT_UPDATE_SCREENSHOT=1 the real model's chat, Stats tab and Model tab
+become the README's docs/screenshot.png, docs/screenshot-stats.png and
+docs/screenshot-model-tab.png."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]  # fmt: skip
 TIMEOUT_MS = 30_000
+REAL_LOAD_TIMEOUT_MS = 600_000  # the real model on a busy CPU: a reply, or loading and calibrating the pair
 
 
 def _chromium() -> str:
@@ -246,7 +249,42 @@ def test_real_model_in_the_browser():
         text = page.locator("#turn-stats").inner_text()
         for part in ("speculative", "acceptance", "tok/s", "vs standard decoding", "calibration at load", "int16"):
             assert part in text, (part, text)
+        assert "first token" in text and "reused 0 of" in text, text
         assert page.locator("#token-view").is_visible()
-        out = _screenshot(page, "browser-real.png")
+        shots = {"screenshot.png": _screenshot(page, "browser-real.png")}
+
+        # Two more replies of the conversation for the Stats tab: in standard mode, then at K = 6.
+        page.locator("#mode label", has_text="standard").click()
+        _real_reply(page, "And one more tip, in one line.")
+        assert "reused" in page.locator("#turn-stats").inner_text()
+        page.locator("#mode label", has_text="speculative").click()
+        k = page.locator("#k input[type=number]")
+        k.fill("6")
+        k.press("Enter")
+        _real_reply(page, "Now sum the tips up in one sentence.")
+        page.get_by_role("tab", name="Stats").click()
+        _wait_text(page, "#turn-plot", "Acceptance rate of 2 replies, speedup of 3")
+        _wait_text(page, "#theory-plot", "measured replies: 1 at K = 4, 1 at K = 6")
+        shots["screenshot-stats.png"] = _screenshot(page, "browser-real-stats.png")
+
+        # The Model tab: the same pair loaded again, checked, and swapped in while the first one serves.
+        page.get_by_role("tab", name="Model").click()
+        page.locator("#model-load-btn").click()
+        page.wait_for_function("() => document.querySelector('#model-load-status').innerText.includes('Now serving')",
+                               timeout=REAL_LOAD_TIMEOUT_MS)
+        status = page.locator("#model-load-status").inner_text()
+        assert "vocabulary check: compatible" in status and "measuring standard decoding" in status, status
+        shots["screenshot-model-tab.png"] = _screenshot(page, "browser-real-model-tab.png")
     if os.environ.get("SPECCHAT_UPDATE_SCREENSHOT") == "1":
-        shutil.copyfile(out, ROOT / "docs" / "screenshot.png")
+        for name, shot in shots.items():
+            shutil.copyfile(shot, ROOT / "docs" / name)
+
+
+def _real_reply(page, message: str) -> None:
+    """Send `message` and wait for its reply from the real model (Stop shows at once, Send comes back after)."""
+    box = page.locator("#chat-input textarea")
+    box.fill(message)
+    box.press("Enter")
+    page.locator("#stop-btn").wait_for(state="visible")
+    page.locator("#send-btn").wait_for(state="visible", timeout=REAL_LOAD_TIMEOUT_MS)
+    _reply_done(page)
