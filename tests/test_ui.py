@@ -618,7 +618,8 @@ def test_presets_fill_the_picker_and_a_shared_server_does_not_switch(fake):
     shared = replace(SETTINGS, server=replace(SETTINGS.server, host="0.0.0.0"))
     for settings in (shared, replace(SETTINGS, server=replace(SETTINGS.server, share=True))):
         handle = ServiceHandle(fake)
-        refused = list(Handlers(handle, settings, fake_loader).load_model(*PICK_OTHER))
+        with pytest.warns(UserWarning, match="Switching models from the page is off"):  # the toast, off Gradio
+            refused = list(Handlers(handle, settings, fake_loader).load_model(*PICK_OTHER))
         assert len(refused) == 1 and "Switching models from the page is off" in refused[0][0]
         assert handle.reloading is None and handle.service is fake
 
