@@ -1,14 +1,17 @@
 """The Gradio chat UI: chat with streaming speculative decoding, per-reply
 stats, a token view, a Stats tab (measured vs theoretical speedup), a Compare
-tab (standard vs speculative on one prompt) and a Model tab.
+tab (standard vs speculative on one prompt) and a Model tab (the pair, and a
+picker that loads another).
 
 One job per module:
-    handle      the service (possibly still loading) and per-browser sessions
+    handle      the service (possibly still loading or being swapped) and per-browser sessions
     format      stats lines, the model info, the comparison in words (no Gradio)
     state       the chat stored in the browser, and how the Chatbot shows it
-    stats_tab   the Stats tab's table, figures and summary
+    tokens      the token view: (piece, source) pairs, split characters whole
+    stats_tab   the Stats tab's table, plot frames and summary
     sidebar     the decoding inputs and the one DecodingSettings built from them
-    handlers    chat / regenerate / stop / clear / restore / compare / stats
+    picker      the Model tab's choice of pair, as [model] settings
+    handlers    chat / regenerate / undo / edit / stop / clear / restore / compare / stats / load
     layout      build_app: the Blocks layout and the wiring
     launch      launch_app, serve, loading the service
 
