@@ -462,7 +462,6 @@ def test_zerogpu_import_and_load_touch_no_cuda(zerogpu_probe):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="waits for chatapp/ui to wrap its reply handlers with zerogpu.gpu_reply")
 def test_zerogpu_reply_handlers_are_decorated(zerogpu_probe):
     # Every endpoint that runs the models: the page's chat (/send, or /chat before the plain API took that
     # name), the plain /chat, /regenerate and /compare.

@@ -26,6 +26,7 @@ from typing import Any
 import gradio as gr
 from gradio.components.api_component import Api
 
+from .. import zerogpu
 from ..errors import one_line
 from .handle import BusyError, Cancelled, UnavailableError, session_key
 from .handlers import Handlers
@@ -135,7 +136,7 @@ def add_chat_api(handlers: Handlers, concurrency: dict[str, Any]) -> PlainChat:
               Api(None, _SCHEMAS["settings"], "settings")]
     outputs = [Api(None, _SCHEMAS[name], name) for name in API_OUTPUTS]
     blocks.set_event_trigger(
-        [], chat.reply, inputs, outputs, preprocess=False, postprocess=False, show_progress="hidden", api_name="chat",
+        [], zerogpu.gpu_reply()(chat.reply), inputs, outputs, preprocess=False, postprocess=False, show_progress="hidden", api_name="chat",
         api_description=PlainChat.reply.__doc__, validator=chat.prepare, queue=True, **concurrency,
     )
     return chat

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from .. import zerogpu
 from ..errors import one_line
 
 PROGRESS_KEPT = 12  # load-progress messages kept for the Model tab
@@ -263,6 +264,7 @@ def _load_failure(error: Exception) -> str:
 
 @dataclass
 class Session:
+    key: str = "default"  # the browser session (ZeroGPU's worker learns of Stop/Clear by it)
     turn: Any = None  # the running turn, for Stop
     epoch: int = 0  # bumped by Clear: a reply started before it does not write back
     stops: int = 0  # bumped by Stop: a request sent before it and not yet started does not start
@@ -276,13 +278,17 @@ class Session:
         self.turn = turn
         events = iter(turn)
         try:
-            yield events
+            with zerogpu.STOPS.watch(self.key, turn, on_clear=self.cleared):
+                yield events
         finally:
             close = getattr(events, "close", None)
             if close is not None:
                 close()
             if self.turn is turn:
                 self.turn = None
+
+    def cleared(self) -> None:
+        self.epoch += 1
 
 
 def session_key(request: Any) -> str:
@@ -304,7 +310,7 @@ class Sessions:
             if session is None:
                 if len(self._sessions) > MAX_SESSIONS:
                     self._forget_idle()
-                session = self._sessions[key] = Session()
+                session = self._sessions[key] = Session(key)
             session.last_seen = time.monotonic()
             return session
 

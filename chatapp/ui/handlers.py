@@ -30,6 +30,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from .. import zerogpu
 from ..autok import AcceptanceTracker
 from ..errors import one_line
 from ..settings import DecodingSettings, Settings, SettingsError
@@ -206,6 +207,8 @@ class Handlers:
         not started yet (its prompt being built, or waiting in the queue) does not start."""
         session = self.sessions.get(request)
         session.stops += 1
+        if zerogpu.STOPS.request(session.key):  # ZeroGPU: the reply runs in a forked worker
+            return "■ Stopping after the current round…"
         turn = session.turn
         if turn is None:
             return "Nothing is being generated."
@@ -219,6 +222,7 @@ class Handlers:
         """Forget the conversation (stops a running reply)."""
         session = self.sessions.get(request)
         session.epoch += 1
+        zerogpu.STOPS.request(session.key, zerogpu.CLEAR)
         if session.turn is not None:
             session.turn.stop()
         return self._chat_view([], tokens=[], notice="")
@@ -461,9 +465,9 @@ class Handlers:
                 summary=stats_summary(service, replies, k),
             )
         except Exception as error:
-            line = one_line(error)
-            gr.Warning(f"cannot draw the stats: {line}")
-            return self.stats_out(summary=f"⚠ Cannot draw the stats: {line}")
+            # No gr.Warning: this event is not queued, where Gradio would print the line (the user's value
+            # in it) to the server's terminal instead of showing a toast; the summary says it.
+            return self.stats_out(summary=f"⚠ Cannot draw the stats: {one_line(error)}")
 
     def plot_captions(self, chat_state: Any, k: Any) -> tuple:
         """The Stats tab's plot captions (and the theory's colors), sent after their points: a caption that

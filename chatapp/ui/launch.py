@@ -23,6 +23,7 @@ from collections.abc import Callable
 import gradio as gr
 from starlette.middleware import Middleware
 
+from .. import zerogpu
 from ..errors import one_line
 from ..models import load_pair
 from ..service import ChatService
@@ -93,6 +94,9 @@ def load_service(settings: Settings, progress: Callable[[str], None]) -> ChatSer
     """Load the pair and measure the standard-decoding baseline (runs on the handle's loader thread)."""
     pair = load_pair(settings.model, progress=progress)
     service = ChatService(pair, max_reply_seconds=settings.limits.max_reply_seconds)
+    if not zerogpu.calibrate_at_load():  # ZeroGPU: no GPU outside a reply; replies time their own steps
+        progress(f"ready: loaded in {pair.load_s:.1f} s; auto K learns its costs from the first replies")
+        return service
     progress("measuring standard decoding on this machine (the speedup baseline)")
     rate = service.calibrate()
     rate_text = "an unmeasured rate" if rate is None else f"{rate:.1f} tok/s"

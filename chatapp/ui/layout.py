@@ -30,6 +30,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from .. import zerogpu
 from ..settings import MESSAGE_CHARS_MAX, Settings, load_settings
 from .api import add_chat_api
 from .format import COMPARE_COLUMNS, NO_STATS, PICKER_OFF, SPEEDUP_METHOD, model_markdown, model_status_line
@@ -273,13 +274,13 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
     page["chatbot"].example_select(h.example, [page["resend"]], [page["message"], page["resend"]],
                                    api_visibility="private")
     stop_shown_until = _stop_while_generating(page, h)
-    chat = decoding_endpoint(h.chat, h.refuse_chat, settings, ("message", "chat_state"))
+    chat = decoding_endpoint(zerogpu.gpu_reply()(h.chat), h.refuse_chat, settings, ("message", "chat_state"))
     chat_event = gr.on([page["send"].click, page["message"].submit, page["resend"].change], chat,
                        [page["message"], page["state"], *sidebar.values()], chat_out, api_name="send",
                        show_progress_on=[page["chatbot"]],
                        validator=decoding_validator(h.prepare_chat, settings, ("message", "chat_state"),
                                                     admission=h.admission), **gen)
-    regenerate = decoding_endpoint(h.regenerate, h.refuse_regenerate, settings, ("chat_state",))
+    regenerate = decoding_endpoint(zerogpu.gpu_reply()(h.regenerate), h.refuse_regenerate, settings, ("chat_state",))
     regenerate_event = gr.on([page["regenerate"].click, page["chatbot"].retry], regenerate,
                              [page["state"], *sidebar.values()], chat_out, api_name="regenerate",
                              show_progress_on=[page["chatbot"]],
@@ -292,7 +293,7 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
     page["compare_stop"].click(h.stop, None, page["verdict"], **hidden)
     page["clear"].click(h.clear, None, chat_out, api_name="clear", **quick)
     page["chatbot"].clear(h.clear, None, chat_out, **hidden)  # the Chatbot's own trash button
-    compare = decoding_endpoint(h.compare, h.refuse_compare, settings, ("prompt",), compare_fields)
+    compare = decoding_endpoint(zerogpu.gpu_reply(runs=2)(h.compare), h.refuse_compare, settings, ("prompt",), compare_fields)
     gr.on([page["compare"].click, page["prompt"].submit], compare,
           [page["prompt"], *(sidebar[name] for name in compare_fields)], _pick(page, COMPARE_OUTPUTS),
           api_name="compare", show_progress_on=[page["standard"], page["speculative"]],
