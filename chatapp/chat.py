@@ -13,8 +13,9 @@ A `Message` is a plain dict {"role": "user" | "assistant", "content": str}.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypedDict
+from typing import Any, TypedDict
 
 from .settings import HISTORY_CHARS_MAX, HISTORY_MESSAGES_MAX
 
@@ -191,8 +192,9 @@ def check_history(history: Sequence[Message], system: str | None) -> None:
         )
     _unencodable("the system prompt", system or "")
     for number, message in enumerate(history, 1):
-        _unencodable("the message" if number == len(history) else f"message {number} of the chat history",
-                     message["content"])
+        _unencodable(
+            "the message" if number == len(history) else f"message {number} of the chat history", message["content"]
+        )
 
 
 def _most_turns_that_fit(encode: Callable[[int], list[int]], available: int, limit: int, ids: list[int]):

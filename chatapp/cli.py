@@ -60,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--share", action="store_true", default=None)
     serve.add_argument("--no-browser", action="store_true")
-    serve.add_argument("--openai-api", action="store_true", default=None, dest="openai_api",
-                       help="also serve the OpenAI-compatible POST /v1/chat/completions")
+    serve.add_argument(
+        "--openai-api",
+        action="store_true",
+        default=None,
+        dest="openai_api",
+        help="also serve the OpenAI-compatible POST /v1/chat/completions",
+    )
 
     gen = sub.add_parser("generate", help="answer one prompt in the terminal")
     _model_flags(gen)
@@ -80,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int)
     bench.add_argument("--out", help="output folder (default: bench-out)")
     bench.add_argument("--quick", action="store_true", help="a run of a few minutes")
-    bench.add_argument("--gpu-check", action="store_true", dest="gpu_check",
-                       help="the CUDA path on random-weight Qwen2.5-7B/0.5B shapes (only --out applies)")
+    bench.add_argument(
+        "--gpu-check",
+        action="store_true",
+        dest="gpu_check",
+        help="the CUDA path on random-weight Qwen2.5-7B/0.5B shapes (only --out applies)",
+    )
     bench.add_argument("--tiny", action="store_true", help="with --gpu-check: the same check on the CPU, tiny shapes")
 
     prepare = sub.add_parser("prepare", help="fetch and convert the embedded model, build the CPU kernels")
@@ -117,7 +126,11 @@ def _settings(args):
 def _load(settings, quiet: bool = False):
     from .models import load_pair
 
-    progress = (lambda message: None) if quiet else (lambda message: print(f"specchat: {message}", file=sys.stderr, flush=True))
+    progress = (
+        (lambda message: None)
+        if quiet
+        else (lambda message: print(f"specchat: {message}", file=sys.stderr, flush=True))
+    )
     return load_pair(settings.model, progress=progress)
 
 
@@ -184,13 +197,19 @@ def cmd_prepare(args) -> int:
 
     started = time.perf_counter()
     print(f"embedded model: {ensure_embedded_model()}", file=sys.stderr)
-    print(f"CPU kernels: {'ready' if cpu_kernels() is not None else 'unavailable (torch ops fallback)'}", file=sys.stderr)
+    print(
+        f"CPU kernels: {'ready' if cpu_kernels() is not None else 'unavailable (torch ops fallback)'}", file=sys.stderr
+    )
     print(f"prepared in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
 
 COMMANDS = {
-    "desktop": cmd_desktop, "serve": cmd_serve, "generate": cmd_generate, "bench": cmd_bench, "prepare": cmd_prepare,
+    "desktop": cmd_desktop,
+    "serve": cmd_serve,
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+    "prepare": cmd_prepare,
 }
 
 

@@ -96,8 +96,15 @@ class Conversation:
         return ConversationSummary(self.id, self.display_title, self.created, self.updated, len(self.messages))
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "id": self.id, "title": self.title,
-                "created": self.created, "updated": self.updated, "messages": list(self.messages)}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "id": self.id,
+            "title": self.title,
+            "created": self.created,
+            "updated": self.updated,
+            "messages": list(self.messages),
+        }
 
 
 def derived_title(messages: Iterable[dict]) -> str:
@@ -147,8 +154,13 @@ def parse(data: Any, expected_id: str) -> Conversation:
     if created is None or updated is None:
         raise ConversationError(f"{expected_id}: created/updated times are missing")
     title = data.get("title")
-    return Conversation(id=expected_id, created=created, updated=updated, messages=clean_messages(data.get("messages")),
-                        title=_clean_title(title) if isinstance(title, str) else "")
+    return Conversation(
+        id=expected_id,
+        created=created,
+        updated=updated,
+        messages=clean_messages(data.get("messages")),
+        title=_clean_title(title) if isinstance(title, str) else "",
+    )
 
 
 class ConversationStore:
@@ -199,8 +211,13 @@ class ConversationStore:
 
     def new(self, messages: Iterable[dict] = (), title: str = "") -> Conversation:
         now = time.time()
-        conversation = Conversation(id=uuid.uuid4().hex, created=now, updated=now,
-                                    messages=clean_messages(list(messages)), title=_clean_title(title))
+        conversation = Conversation(
+            id=uuid.uuid4().hex,
+            created=now,
+            updated=now,
+            messages=clean_messages(list(messages)),
+            title=_clean_title(title),
+        )
         with self._lock:
             self._write(conversation)
         return conversation
@@ -233,8 +250,12 @@ class ConversationStore:
         # Never earlier than `created`, and strictly later than the last save, so that
         # list() orders two saves within one clock tick the way they happened.
         updated = max(time.time(), conversation.created, conversation.updated + 1e-6)
-        saved = dataclasses.replace(conversation, updated=updated, messages=clean_messages(list(conversation.messages)),
-                                    title=_clean_title(conversation.title))
+        saved = dataclasses.replace(
+            conversation,
+            updated=updated,
+            messages=clean_messages(list(conversation.messages)),
+            title=_clean_title(conversation.title),
+        )
         self._write(saved)
         return saved
 

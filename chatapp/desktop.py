@@ -154,8 +154,9 @@ def running_instance(folder: Path) -> dict | None:
 
 def ask_to_focus(info: dict, timeout: float = 3.0) -> bool:
     """Ask the instance described by `info` to show itself; True if it answered yes."""
-    request = urllib.request.Request(f"http://{HOST}:{info['port']}{ROUTES}/focus", method="POST",
-                                     headers={TOKEN_HEADER: info["token"]}, data=b"")
+    request = urllib.request.Request(
+        f"http://{HOST}:{info['port']}{ROUTES}/focus", method="POST", headers={TOKEN_HEADER: info["token"]}, data=b""
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status == 204
@@ -230,8 +231,12 @@ class AppServer:
     `factory(progress)` builds the service (default: the models of `settings`);
     `on_focus()` runs when another start asks for the window."""
 
-    def __init__(self, settings: Settings, factory: Callable[[Callable[[str], None]], Any] | None = None,
-                 on_focus: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        factory: Callable[[Callable[[str], None]], Any] | None = None,
+        on_focus: Callable[[], None] | None = None,
+    ):
         self.settings = settings
         self.factory = factory or (lambda progress: load_models(settings, progress))
         self.on_focus = on_focus or (lambda: None)
@@ -267,8 +272,9 @@ class AppServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self._asgi_app(demo), log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="specchat-server",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="specchat-server", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + SERVER_START_S
         while not self._server.started:
@@ -321,15 +327,17 @@ class AppServer:
 def loading_page() -> str:
     """The loading page, its icon inlined (the window's first page is shown before any server is up)."""
     svg = ICON_SVG.read_text(encoding="utf-8")
-    return LOADING_PAGE.read_text(encoding="utf-8").replace("{{ICON}}", svg[svg.index("<svg"):])
+    return LOADING_PAGE.read_text(encoding="utf-8").replace("{{ICON}}", svg[svg.index("<svg") :])
 
 
 def error_page(message: str) -> str:
     from html import escape
 
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{TITLE}</title></head>"
-            f"<body style='font:15px system-ui,sans-serif;margin:3rem'><h1>{TITLE} could not start</h1>"
-            f"<p>{escape(message)}</p></body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{TITLE}</title></head>"
+        f"<body style='font:15px system-ui,sans-serif;margin:3rem'><h1>{TITLE} could not start</h1>"
+        f"<p>{escape(message)}</p></body></html>"
+    )
 
 
 # --- the window ------------------------------------------------------------------------
@@ -373,8 +381,9 @@ def show_in_window(server: AppServer, lock: InstanceLock, on_window: Callable[[A
     import webview  # lazy: only the window needs it
     from webview.errors import WebViewException
 
-    window = webview.create_window(TITLE, html=loading_page(), width=WINDOW_SIZE[0], height=WINDOW_SIZE[1],
-                                   min_size=WINDOW_MIN_SIZE)
+    window = webview.create_window(
+        TITLE, html=loading_page(), width=WINDOW_SIZE[0], height=WINDOW_SIZE[1], min_size=WINDOW_MIN_SIZE
+    )
     failed: list[str] = []
 
     def bring_to_front() -> None:
@@ -426,8 +435,13 @@ def show_in_browser(server: AppServer, lock: InstanceLock) -> int:
     return EXIT_OK
 
 
-def run(settings: Settings, browser: bool = False, *, factory: Callable | None = None,
-        on_window: Callable[[Any], None] | None = None) -> int:
+def run(
+    settings: Settings,
+    browser: bool = False,
+    *,
+    factory: Callable | None = None,
+    on_window: Callable[[Any], None] | None = None,
+) -> int:
     """`specchat`: the app in its own window (or the browser), one instance per user (see the module docstring).
 
     `factory(progress)` replaces the models (the tests use a scripted service);

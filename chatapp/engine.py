@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -168,9 +169,7 @@ class Generation:
             raise ValueError("the prompt is empty")
         self.max_positions = min(target.max_positions, draft.max_positions if draft else 1 << 30)
         if len(prompt_ids) >= self.max_positions:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context holds {self.max_positions}"
-            )
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context holds {self.max_positions}")
         vocab_limit = min(target.vocab_size, draft.vocab_size if draft else target.vocab_size)
         if not all(0 <= t < vocab_limit for t in prompt_ids):
             raise ValueError(f"the prompt has token ids outside the vocabulary of {vocab_limit}")
@@ -514,7 +513,12 @@ def prefill_draft(draft: DecoderLM, draft_cache, target: DecoderLM, target_cache
 
 
 def measure_forward_costs(
-    target: DecoderLM, draft: DecoderLM, prompt_ids: Sequence[int], max_tokens: int, *, reps: int = 3,
+    target: DecoderLM,
+    draft: DecoderLM,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    *,
+    reps: int = 3,
     budget_s: float = 5.0,
 ) -> tuple[dict[int, list[float]], list[float]]:
     """Seconds of target forwards over 1..max_tokens tokens, and of 1-token

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,6 @@ INT8 = "int8-weight-only"
 TARGET_ROWS = K_MAX + 1  # one padded shape for a standard step and every verify (K <= K_MAX)
 DRAFT_ROWS = (1, 2)  # a draft step feeds 1 token, or 2 after a round that ended with a bonus
 INT8_LABEL = "int8 weight-only, bitsandbytes row-wise absmax format ({how})"
-
 
 
 def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -120,8 +119,16 @@ class Shape:
 class Transformer(nn.Module):
     """The whole forward over ids at explicit positions; keys/values in persistent buffers."""
 
-    def __init__(self, shape: Shape, embed: Linear, blocks: list[Block], norm: torch.Tensor, lm_head: Linear,
-                 cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(
+        self,
+        shape: Shape,
+        embed: Linear,
+        blocks: list[Block],
+        norm: torch.Tensor,
+        lm_head: Linear,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ):
         super().__init__()
         self.shape = shape
         self.embed = embed
@@ -234,8 +241,9 @@ def _weights_of(hf_model, dtype: torch.dtype, device: torch.device, free_source:
 class GraphLlamaLM:
     """DecoderLM over `Transformer`, with padded row counts and optional compiled graphs."""
 
-    def __init__(self, transformer: Transformer, *, origin: int, rows: tuple[int, ...], info: ModelInfo,
-                 compile_mode: str | None):
+    def __init__(
+        self, transformer: Transformer, *, origin: int, rows: tuple[int, ...], info: ModelInfo, compile_mode: str | None
+    ):
         self.model = transformer.eval()
         self.origin = origin
         self.rows = tuple(sorted(rows))
@@ -254,9 +262,18 @@ class GraphLlamaLM:
     # -- building ---------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, hf_model, *, quantize: str | None = None, info: ModelInfo | None = None,
-                device: torch.device | None = None, dtype: torch.dtype | None = None, rows=None,
-                compile_mode: str | None = "auto", free_source: bool = False) -> GraphLlamaLM:
+    def from_hf(
+        cls,
+        hf_model,
+        *,
+        quantize: str | None = None,
+        info: ModelInfo | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        rows=None,
+        compile_mode: str | None = "auto",
+        free_source: bool = False,
+    ) -> GraphLlamaLM:
         """From a transformers Llama-family model. device/dtype default to the model's; rows to
         TARGET_ROWS (exact verification) or DRAFT_ROWS with quantize; compile_mode "auto" compiles
         on CUDA (reduce-overhead: CUDA graphs) and runs eagerly elsewhere."""
@@ -277,22 +294,33 @@ class GraphLlamaLM:
         embed_w = base.embed_tokens.weight.detach().to(device=device, dtype=dtype)
         tied = hf_model.lm_head.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
         embed = Linear(embed_w, None, dtype, int8)
-        lm_head = embed if tied else Linear(hf_model.lm_head.weight.detach().to(device=device, dtype=dtype), None,
-                                            dtype, int8)
+        lm_head = (
+            embed
+            if tied
+            else Linear(hf_model.lm_head.weight.detach().to(device=device, dtype=dtype), None, dtype, int8)
+        )
         cos, sin = _rope_tables(base.rotary_emb, int(config.max_position_embeddings) + TARGET_ROWS, device, dtype)
         heads = int(config.num_attention_heads)
         shape = Shape(
-            heads=heads, kv_heads=int(config.num_key_value_heads),
+            heads=heads,
+            kv_heads=int(config.num_key_value_heads),
             head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-            eps=float(config.rms_norm_eps), vocab_size=int(config.vocab_size),
+            eps=float(config.rms_norm_eps),
+            vocab_size=int(config.vocab_size),
             max_positions=int(config.max_position_embeddings),
         )
-        transformer = Transformer(shape, embed, blocks, base.norm.weight.detach().to(device=device, dtype=dtype),
-                                  lm_head, cos, sin)
+        transformer = Transformer(
+            shape, embed, blocks, base.norm.weight.detach().to(device=device, dtype=dtype), lm_head, cos, sin
+        )
         if free_source:
             _release_memory()
-        lm = cls(transformer, origin=origin, rows=rows or (DRAFT_ROWS if int8 else (TARGET_ROWS,)),
-                 info=info, compile_mode=_resolve_compile(compile_mode, device))
+        lm = cls(
+            transformer,
+            origin=origin,
+            rows=rows or (DRAFT_ROWS if int8 else (TARGET_ROWS,)),
+            info=info,
+            compile_mode=_resolve_compile(compile_mode, device),
+        )
         lm._describe(embed.how if int8 else "")
         return lm
 
@@ -306,7 +334,9 @@ class GraphLlamaLM:
             return Linear(_dequantized(layer), layer.bias, self.dtype, True) if int8 else layer
 
         blocks = [
-            Block((b.attn_norm, b.mlp_norm), {name: linear(getattr(b, name)) for name in ("qkv", "o", "gate_up", "down")})
+            Block(
+                (b.attn_norm, b.mlp_norm), {name: linear(getattr(b, name)) for name in ("qkv", "o", "gate_up", "down")}
+            )
             for b in source.blocks
         ]
         embed = linear(source.embed)
@@ -314,8 +344,13 @@ class GraphLlamaLM:
         transformer = Transformer(source.shape, embed, blocks, source.norm, lm_head, source.cos, source.sin)
         info = info or ModelInfo(name=self.info.name, source=self.info.source)
         info.parameters = self.info.parameters
-        copy = GraphLlamaLM(transformer, origin=self.origin, rows=DRAFT_ROWS if int8 else self.rows, info=info,
-                            compile_mode=self.compile_mode)
+        copy = GraphLlamaLM(
+            transformer,
+            origin=self.origin,
+            rows=DRAFT_ROWS if int8 else self.rows,
+            info=info,
+            compile_mode=self.compile_mode,
+        )
         copy.max_positions = self.max_positions
         copy._describe(embed.how if int8 else "")
         return copy
@@ -332,8 +367,11 @@ class GraphLlamaLM:
         else:
             info.dtype = act
         info.device = str(self.device)
-        graphs = "CUDA graphs (torch.compile reduce-overhead)" if self.compile_mode == "reduce-overhead" else (
-            f"torch.compile ({self.compile_mode})" if self.compile_mode else "eager torch ops")
+        graphs = (
+            "CUDA graphs (torch.compile reduce-overhead)"
+            if self.compile_mode == "reduce-overhead"
+            else (f"torch.compile ({self.compile_mode})" if self.compile_mode else "eager torch ops")
+        )
         info.implementation = f"specchat static-shape decoder, {graphs}, rows padded to {'/'.join(map(str, self.rows))}"
         info.weight_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
 
@@ -355,8 +393,10 @@ class GraphLlamaLM:
         self.allocate()
         if self.compile_mode:
             if progress:
-                progress(f"compiling {self.info.name} for rows {'/'.join(map(str, self.rows))} "
-                         "(once per start; about a minute per model on a GPU)")
+                progress(
+                    f"compiling {self.info.name} for rows {'/'.join(map(str, self.rows))} "
+                    "(once per start; about a minute per model on a GPU)"
+                )
             for rows in self.rows:
                 ids = torch.zeros(rows, dtype=torch.long, device=self.device)
                 for _ in range(3):  # compile, record, replay
@@ -374,10 +414,13 @@ class GraphLlamaLM:
                 # (a pair has three; the benchmark builds several pairs): lift the default cap of 8.
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 torch._dynamo.config.accumulated_recompile_limit = max(
-                    torch._dynamo.config.accumulated_recompile_limit, 512)
-                kwargs = {"mode": self.compile_mode} if self.compile_mode in ("reduce-overhead", "default",
-                                                                              "max-autotune") else {
-                    "backend": self.compile_mode}
+                    torch._dynamo.config.accumulated_recompile_limit, 512
+                )
+                kwargs = (
+                    {"mode": self.compile_mode}
+                    if self.compile_mode in ("reduce-overhead", "default", "max-autotune")
+                    else {"backend": self.compile_mode}
+                )
                 forward = torch.compile(forward, fullgraph=True, dynamic=False, **kwargs)
             step = self._steps[rows] = forward
         return step

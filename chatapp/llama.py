@@ -53,6 +53,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 NO_TENSOR = torch.empty(0)
 
+
 class Linear:
     """y = x @ W.T (+ b). Float weights, or int8 rows with one fp32 scale each.
     With the CPU kernels the weight is stored packed in 64-column panels (see
@@ -105,7 +106,11 @@ class StaticCache:
 
 class LlamaDecoderLM:
     def __init__(
-        self, hf_model: torch.nn.Module, *, quantize: str | None = None, info: ModelInfo | None = None,
+        self,
+        hf_model: torch.nn.Module,
+        *,
+        quantize: str | None = None,
+        info: ModelInfo | None = None,
         variant: str | None = None,
     ):
         """variant: the CPU kernel variant to run (chatapp.kernels: avx512, avx2, ...),
@@ -153,16 +158,28 @@ class LlamaDecoderLM:
             )
         if self._kernels is not None:
             self._blocks = self._kernels.Blocks(
-                [t for layer in self.layers for t in (
-                    layer.attn_norm,
-                    layer.qkv.weight, layer.qkv.scale, NO_TENSOR if layer.qkv.bias is None else layer.qkv.bias,
-                    layer.o.weight, layer.o.scale,
-                    layer.mlp_norm,
-                    layer.gate_up.weight, layer.gate_up.scale,
-                    layer.down.weight, layer.down.scale,
-                )],
-                self.heads, self.kv_heads, self.layers[0].down.in_features, self.eps,
-            )  # fmt: skip
+                [
+                    t
+                    for layer in self.layers
+                    for t in (
+                        layer.attn_norm,
+                        layer.qkv.weight,
+                        layer.qkv.scale,
+                        NO_TENSOR if layer.qkv.bias is None else layer.qkv.bias,
+                        layer.o.weight,
+                        layer.o.scale,
+                        layer.mlp_norm,
+                        layer.gate_up.weight,
+                        layer.gate_up.scale,
+                        layer.down.weight,
+                        layer.down.scale,
+                    )
+                ],
+                self.heads,
+                self.kv_heads,
+                self.layers[0].down.in_features,
+                self.eps,
+            )
         self.norm = detach(base.norm.weight)
         self.embed = detach(base.embed_tokens.weight)
         self.lm_head = make(detach(hf_model.lm_head.weight), None)
@@ -201,7 +218,7 @@ class LlamaDecoderLM:
     @classmethod
     def from_hf(
         cls, hf_model, *, quantize: str | None = None, info: ModelInfo | None = None, variant: str | None = None
-    ) -> "LlamaDecoderLM":
+    ) -> LlamaDecoderLM:
         """The decoder on the kernels chatapp.kernels chooses (or `variant`), unless
         plain torch ops run one decode step of this model clearly faster here:
         then on torch ops. The step timings go to info.extra["decode_paths_ms"]."""

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -64,7 +65,7 @@ class DecoderLM(Protocol):
 
 # HF model object -> an id of its weights. Weak keys: a copy (copy.deepcopy,
 # a perturbed draft) is a new object and gets its own id.
-_ORIGINS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+_ORIGINS: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
 _ORIGIN_COUNTER = itertools.count()
 
 

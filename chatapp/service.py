@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -152,9 +152,7 @@ class ChatService:
     def calibrate(self, new_tokens: int = 32) -> float | None:
         """Measure standard decoding on this machine for the speedup baseline,
         and seed auto K's costs and acceptance (when there is a draft)."""
-        ids = build_prompt(
-            self.tokenizer, [{"role": "user", "content": CALIBRATION_PROMPT}], None, self.context
-        ).ids
+        ids = build_prompt(self.tokenizer, [{"role": "user", "content": CALIBRATION_PROMPT}], None, self.context).ids
         with self.lock:
             if self.pair.draft is None:
                 standard = Generation(self.pair.target, None, ids, mode="standard", max_new_tokens=new_tokens)
@@ -177,7 +175,12 @@ class ChatService:
         return build_prompt(self.tokenizer, history, system or None, self.context - reserve)
 
     def start_turn(
-        self, history: list[dict], decoding: DecodingSettings, system: str | None = None, *, fresh: bool = False,
+        self,
+        history: list[dict],
+        decoding: DecodingSettings,
+        system: str | None = None,
+        *,
+        fresh: bool = False,
         prompt: PromptResult | None = None,
     ) -> Turn:
         """Start a reply to `history`, from `prompt` when the caller built it already (see `prompt`).

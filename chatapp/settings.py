@@ -27,9 +27,10 @@ import dataclasses
 import json
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = [
     "DEFAULT_SETTINGS_PATH",
@@ -252,6 +253,7 @@ def _parse_env(section: str, key: str, raw: str, source: str) -> Any:
 
 # --- the three layers ------------------------------------------------------
 
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
@@ -305,11 +307,11 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX):
             continue
-        rest = var[len(ENV_PREFIX):]
+        rest = var[len(ENV_PREFIX) :]
         for section in _SECTIONS:
             head = section.upper() + "_"
             if rest.startswith(head):
-                key = rest[len(head):].lower()
+                key = rest[len(head) :].lower()
                 source = f"environment variable {var}"
                 if key not in _field_types(section):
                     raise _unknown_key(section, key, source)
@@ -333,12 +335,19 @@ def _override_layer(overrides: Mapping[str, object] | None, source: str) -> dict
 
 def _unknown_preset(name: str, presets: Mapping[str, Any], presets_source: str, source: str) -> SettingsError:
     available = ", ".join(sorted(presets)) or "(none)"
-    return _fail(source, f"unknown preset {name!r} (no [presets.{name}] in {presets_source}); "
-                         f"available presets: {available}")
+    return _fail(
+        source, f"unknown preset {name!r} (no [presets.{name}] in {presets_source}); available presets: {available}"
+    )
 
 
-def _spell_out_preset(layer: dict[str, dict[str, Any]], presets: Mapping[str, Mapping[str, str]],
-                      presets_source: str, source: str, *, explicit_wins: bool = True) -> dict[str, dict[str, Any]]:
+def _spell_out_preset(
+    layer: dict[str, dict[str, Any]],
+    presets: Mapping[str, Mapping[str, str]],
+    presets_source: str,
+    source: str,
+    *,
+    explicit_wins: bool = True,
+) -> dict[str, dict[str, Any]]:
     """The layer with its model.preset spelled out as target and draft: under the layer's own target and
     draft when `explicit_wins` (the environment, the command line), over them otherwise (the file)."""
     model = layer["model"]
@@ -370,6 +379,7 @@ def _merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 # --- public API ------------------------------------------------------------
+
 
 def load_settings(
     path: str | os.PathLike | None = None,

@@ -14,10 +14,10 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-from dataclasses import dataclass
-from typing import Any, Callable
-
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -102,7 +102,7 @@ class TinyModels:
     max_positions: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hf_pair(vocab: int, max_positions: int, noise: float):
     target = tiny_llama(vocab, seed=0, max_positions=max_positions)
     return target, perturbed(target, noise, seed=1)

@@ -15,10 +15,10 @@ import re
 import time
 from types import SimpleNamespace
 
+from chatapp.autok import AcceptanceTracker, KChoice
 from chatapp.chat import EmptyPromptError, PromptTooLongError, StreamDecoder
 from chatapp.engine import Token
 from chatapp.lm import ModelInfo
-from chatapp.autok import AcceptanceTracker, KChoice
 from chatapp.service import Turn, TurnEvent
 from chatapp.stats import Baseline, TurnStats
 
@@ -54,8 +54,19 @@ class FakeTokenizer:
 class FakeTurn:
     record = Turn.record  # the real service's record of a reply: it reads only .stats, .k_choice and .notice
 
-    def __init__(self, service, tokens: list[int], mode: str, k: int, k_choice: KChoice | None, max_new: int, notice,
-                 prompt: list[str], reused: int, keep: bool):
+    def __init__(
+        self,
+        service,
+        tokens: list[int],
+        mode: str,
+        k: int,
+        k_choice: KChoice | None,
+        max_new: int,
+        notice,
+        prompt: list[str],
+        reused: int,
+        keep: bool,
+    ):
         self.service, self.notice, self.k_choice = service, notice, k_choice
         self._ids, self._k, self._max = tokens, k, max_new
         self.text = ""
@@ -65,8 +76,12 @@ class FakeTurn:
         b = service.baseline
         self._prompt, self._keep = prompt, keep
         self.stats = TurnStats(
-            mode=mode, k=k if mode == "speculative" else 0, prompt_tokens=len(prompt), prefix_reused=reused,
-            baseline_tokens_per_s=b.tokens_per_s, baseline_source=b.source,
+            mode=mode,
+            k=k if mode == "speculative" else 0,
+            prompt_tokens=len(prompt),
+            prefix_reused=reused,
+            baseline_tokens_per_s=b.tokens_per_s,
+            baseline_source=b.source,
             int8_path="int8 weight-only per-channel (fake)" if mode == "speculative" else "",
             draft_prefill="copied from the target" if mode == "speculative" else "",
             source_counts={s: 0 for s in ("draft", "target", "bonus", "standard")},
@@ -155,8 +170,15 @@ class FakeService:
     """ChatService's interface over a script. `max_message_chars` / `context_chars`
     play the context limits: a longer message fails, a longer history drops old turns."""
 
-    def __init__(self, delay: float = 0.0, max_message_chars: int = 2000, context_chars: int = 4000, tokenizer=None,
-                 target: str = "FakeLM-135M", draft: str = ""):
+    def __init__(
+        self,
+        delay: float = 0.0,
+        max_message_chars: int = 2000,
+        context_chars: int = 4000,
+        tokenizer=None,
+        target: str = "FakeLM-135M",
+        draft: str = "",
+    ):
         self.delay, self.max_message_chars, self.context_chars = delay, max_message_chars, context_chars
         self.tokenizer = tokenizer or FakeTokenizer()  # or a real one whose id 0 is a special token
         self.baseline = Baseline()
@@ -169,13 +191,24 @@ class FakeService:
         self.context = 2048
         info = dict(source="embedded:fake", device="cpu", parameters=134_515_008, implementation="fake (scripted)")
         target_info = ModelInfo(name=target, dtype="float32", quantization="none", weight_bytes=538_060_032, **info)
-        draft_info = ModelInfo(name=draft or target, dtype="int8 weights, float32 activations",
-                               quantization="int8 weight-only per-channel (fake)", weight_bytes=162_000_000, **info)
-        compatibility = (f"compatible: {draft} speaks {target}'s vocabulary (fake)" if draft
-                         else "compatible: the draft is a quantized copy of the target")
+        draft_info = ModelInfo(
+            name=draft or target,
+            dtype="int8 weights, float32 activations",
+            quantization="int8 weight-only per-channel (fake)",
+            weight_bytes=162_000_000,
+            **info,
+        )
+        compatibility = (
+            f"compatible: {draft} speaks {target}'s vocabulary (fake)"
+            if draft
+            else "compatible: the draft is a quantized copy of the target"
+        )
         self.pair = SimpleNamespace(
-            target=SimpleNamespace(info=target_info), draft=SimpleNamespace(info=draft_info), tokenizer=self.tokenizer,
-            compatibility=compatibility, load_s=0.25,
+            target=SimpleNamespace(info=target_info),
+            draft=SimpleNamespace(info=draft_info),
+            tokenizer=self.tokenizer,
+            compatibility=compatibility,
+            load_s=0.25,
         )
 
     @property

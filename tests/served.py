@@ -30,12 +30,14 @@ def settings_with(**server: Any):
 
 
 @contextmanager
-def served(service: Any, settings=SETTINGS, *, auth=None, host: str = "127.0.0.1",
-           **launch: Any) -> Iterator[tuple[Any, str]]:
+def served(
+    service: Any, settings=SETTINGS, *, auth=None, host: str = "127.0.0.1", **launch: Any
+) -> Iterator[tuple[Any, str]]:
     """(demo, url) of the app over `service`, closed afterwards."""
     demo = ui.build_app(service, settings)
-    _, url, _ = ui.launch_app(demo, host=host, port=free_port(), prevent_thread_lock=True, quiet=True,
-                              auth=auth, **launch)
+    _, url, _ = ui.launch_app(
+        demo, host=host, port=free_port(), prevent_thread_lock=True, quiet=True, auth=auth, **launch
+    )
     try:
         yield demo, url
     finally:

@@ -92,13 +92,18 @@ def test_plain_chat_has_named_outputs_and_no_browser_state(app):
 
 def test_plain_chat_answers_a_message_after_a_history_with_settings(gradio, fake):
     history = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "an answer"}]
-    job = gradio.submit("second", history, {"k": 3, "temperature": 0.5, "seed": 11, "decoding.top_k": 40},
-                        api_name="/chat")
+    job = gradio.submit(
+        "second", history, {"k": 3, "temperature": 0.5, "seed": 11, "decoding.top_k": 40}, api_name="/chat"
+    )
     reply, stats = job.result(timeout=30)
     turn = fake.last
     assert fake.histories[-1] == [*history, {"role": "user", "content": "second"}]
-    assert (fake.decodings[-1].k, fake.decodings[-1].temperature, fake.decodings[-1].seed, fake.decodings[-1].top_k) \
-        == (3, 0.5, 11, 40)
+    assert (
+        fake.decodings[-1].k,
+        fake.decodings[-1].temperature,
+        fake.decodings[-1].seed,
+        fake.decodings[-1].top_k,
+    ) == (3, 0.5, 11, 40)
     assert reply == turn.text and "You said: second" in reply
     assert stats == json.loads(json.dumps(turn.record())) and stats["k"] == 3 and stats["mode"] == "speculative"
     partial = [out[0] for out in job.outputs()[:-1]]
@@ -108,20 +113,26 @@ def test_plain_chat_answers_a_message_after_a_history_with_settings(gradio, fake
     assert fake.decodings[-1] == SETTINGS.decoding
 
 
-@pytest.mark.parametrize("arguments, line", [
-    (dict(message=7), "the message must be text, not a number"),
-    (dict(message="   "), "the message is empty"),
-    (dict(message="hi", history="earlier"), "history must be a list of {role, content} messages, not text"),
-    (dict(message="hi", history=[{"role": "system", "content": "x"}]), "history[0].role must be one of user|assistant"),
-    (dict(message="hi", history=[{"role": "user", "content": 5}]), "history[0].content must be text, not a number"),
-    (dict(message="hi", settings=[1]), "API settings: settings must be an object of decoding fields, not a list"),
-    (dict(message="hi", settings={"k": "4"}), "API settings: decoding.k = \"4\" must be an integer, not a string"),
-    (dict(message="hi", settings={"k": 99}), "API settings: decoding.k = 99 is out of range 1..16"),
-    (dict(message="hi", settings={"seed": 2**64}), "decoding.seed = 18446744073709551616 is out of range"),
-    (dict(message="hi", settings={"temperature": 1e-40}), "decoding.temperature = 1e-40 is out of range"),
-    (dict(message="hi", settings={"colour": "red"}), "unknown key decoding.colour"),
-    (dict(message="x" * 100_001), "the message is too large: 100001 characters, at most 100000"),
-])
+@pytest.mark.parametrize(
+    "arguments, line",
+    [
+        (dict(message=7), "the message must be text, not a number"),
+        (dict(message="   "), "the message is empty"),
+        (dict(message="hi", history="earlier"), "history must be a list of {role, content} messages, not text"),
+        (
+            dict(message="hi", history=[{"role": "system", "content": "x"}]),
+            "history[0].role must be one of user|assistant",
+        ),
+        (dict(message="hi", history=[{"role": "user", "content": 5}]), "history[0].content must be text, not a number"),
+        (dict(message="hi", settings=[1]), "API settings: settings must be an object of decoding fields, not a list"),
+        (dict(message="hi", settings={"k": "4"}), 'API settings: decoding.k = "4" must be an integer, not a string'),
+        (dict(message="hi", settings={"k": 99}), "API settings: decoding.k = 99 is out of range 1..16"),
+        (dict(message="hi", settings={"seed": 2**64}), "decoding.seed = 18446744073709551616 is out of range"),
+        (dict(message="hi", settings={"temperature": 1e-40}), "decoding.temperature = 1e-40 is out of range"),
+        (dict(message="hi", settings={"colour": "red"}), "unknown key decoding.colour"),
+        (dict(message="x" * 100_001), "the message is too large: 100001 characters, at most 100000"),
+    ],
+)
 def test_plain_chat_refuses_a_bad_value_in_one_line_naming_it(gradio, fake, capfd, arguments, line):
     before = len(fake.turns)
     with pytest.raises(AppError) as refused:
@@ -146,16 +157,32 @@ def test_the_openai_api_is_off_unless_switched_on(fake):
 
 def test_openai_client_gets_the_reply_and_its_speculative_stats(llm, fake):
     completion = llm.chat.completions.create(
-        model="anything", max_tokens=12, temperature=0.7, seed=5,
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one"},
-                  {"role": "assistant", "content": "uno"}, {"role": "user", "content": "two"}],
+        model="anything",
+        max_tokens=12,
+        temperature=0.7,
+        seed=5,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "uno"},
+            {"role": "user", "content": "two"},
+        ],
         extra_body={"specchat": {"k": 2, "top_k": 9}},
     )
     turn, decoding = fake.last, fake.decodings[-1]
-    assert fake.histories[-1] == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "uno"},
-                                  {"role": "user", "content": "two"}]
-    assert (decoding.system_prompt, decoding.max_new_tokens, decoding.temperature, decoding.seed, decoding.k,
-            decoding.top_k) == ("Be brief.", 12, 0.7, 5, 2, 9)
+    assert fake.histories[-1] == [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "uno"},
+        {"role": "user", "content": "two"},
+    ]
+    assert (
+        decoding.system_prompt,
+        decoding.max_new_tokens,
+        decoding.temperature,
+        decoding.seed,
+        decoding.k,
+        decoding.top_k,
+    ) == ("Be brief.", 12, 0.7, 5, 2, 9)
     choice = completion.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == turn.text
     assert choice.finish_reason == "length" and turn.stats.stop_reason == "max_new_tokens"
@@ -168,8 +195,12 @@ def test_openai_client_gets_the_reply_and_its_speculative_stats(llm, fake):
 
 
 def test_openai_client_streams_the_reply_and_ends_with_its_stats(llm, fake):
-    stream = llm.chat.completions.create(model="m", messages=[{"role": "user", "content": "stream please"}],
-                                         stream=True, stream_options={"include_usage": True})
+    stream = llm.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "stream please"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     turn = fake.last
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
@@ -181,17 +212,22 @@ def test_openai_client_streams_the_reply_and_ends_with_its_stats(llm, fake):
     assert last.usage.completion_tokens == turn.stats.new_tokens
 
 
-@pytest.mark.parametrize("request_fields, line", [
-    (dict(seed=2**64), "request: decoding.seed = 18446744073709551616 is out of range 0..18446744073709551615"),
-    (dict(max_tokens=0), "request: decoding.max_new_tokens = 0 is out of range 1..8192"),
-    (dict(extra_body={"k": "4"}), "decoding.k = \"4\" must be an integer, not a string"),
-    (dict(n=2), "n must be 1"),
-    (dict(extra_body={"tools": []}), "unsupported field 'tools'"),
-    (dict(messages=[{"role": "assistant", "content": "hi"}]), "messages must end with a user message"),
-    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
-     "messages[0].content[0] must be a text part"),
-    (dict(messages=[{"role": "tool", "content": "x"}]), "messages[0].role must be one of"),
-])
+@pytest.mark.parametrize(
+    "request_fields, line",
+    [
+        (dict(seed=2**64), "request: decoding.seed = 18446744073709551616 is out of range 0..18446744073709551615"),
+        (dict(max_tokens=0), "request: decoding.max_new_tokens = 0 is out of range 1..8192"),
+        (dict(extra_body={"k": "4"}), 'decoding.k = "4" must be an integer, not a string'),
+        (dict(n=2), "n must be 1"),
+        (dict(extra_body={"tools": []}), "unsupported field 'tools'"),
+        (dict(messages=[{"role": "assistant", "content": "hi"}]), "messages must end with a user message"),
+        (
+            dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+            "messages[0].content[0] must be a text part",
+        ),
+        (dict(messages=[{"role": "tool", "content": "x"}]), "messages[0].role must be one of"),
+    ],
+)
 def test_openai_api_refuses_bad_requests_with_a_400_naming_the_field(llm, fake, capfd, request_fields, line):
     before = len(fake.turns)
     fields = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **request_fields}
@@ -219,9 +255,13 @@ def test_the_openai_api_and_the_page_share_one_generation_slot(app, fake):
         llm = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
         messages = [{"role": "user", "content": f"program {n}"}]
         if stream:
-            results.append("".join(c.choices[0].delta.content or "" for c in
-                                   llm.chat.completions.create(model="m", messages=messages, stream=True)
-                                   if c.choices))
+            results.append(
+                "".join(
+                    c.choices[0].delta.content or ""
+                    for c in llm.chat.completions.create(model="m", messages=messages, stream=True)
+                    if c.choices
+                )
+            )
         else:
             results.append(llm.chat.completions.create(model="m", messages=messages).choices[0].message.content)
 
@@ -246,8 +286,12 @@ def test_the_openai_api_and_the_page_share_one_generation_slot(app, fake):
 def test_an_openai_client_that_leaves_stops_its_reply(app, fake, llm):
     fake.delay = 0.05  # a standard reply of ~30 rounds: 1.5 s
     before = len(fake.turns)
-    stream = llm.chat.completions.create(model="m", messages=[{"role": "user", "content": "long one"}], stream=True,
-                                         extra_body={"specchat": {"mode": "standard"}})
+    stream = llm.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "long one"}],
+        stream=True,
+        extra_body={"specchat": {"mode": "standard"}},
+    )
     chunks = iter(stream)
     next(chunks), next(chunks)
     stream.close()

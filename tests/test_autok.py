@@ -11,17 +11,26 @@ from chatapp.stats import TurnStats, expected_speedup_with_costs
 
 def _turn(mode, k=0, *, accepted=0, rejected=0, rounds=1, draft_ms=0.0, verify_ms=0.0, forwards=1):
     return TurnStats(
-        mode=mode, k=k, rounds=rounds, drafted=k * rounds, accepted=accepted, rejected=rejected,
-        draft_forwards=k * rounds, draft_s=draft_ms / 1000 * k * rounds,
-        target_forwards=forwards, target_s=verify_ms / 1000 * forwards,
-    )  # fmt: skip
+        mode=mode,
+        k=k,
+        rounds=rounds,
+        drafted=k * rounds,
+        accepted=accepted,
+        rejected=rejected,
+        draft_forwards=k * rounds,
+        draft_s=draft_ms / 1000 * k * rounds,
+        target_forwards=forwards,
+        target_s=verify_ms / 1000 * forwards,
+    )
 
 
 def test_auto_k_uses_measured_costs():
     tracker = AcceptanceTracker()
     tracker.record(_turn("standard", verify_ms=30.0, forwards=20))  # target step 30 ms
     # K=4 turns: draft 9 ms/step, verify of 5 tokens 36 ms (+0.05 step per token), a = 0.95
-    tracker.record(_turn("speculative", 4, accepted=95, rejected=5, rounds=25, draft_ms=9.0, verify_ms=36.0, forwards=25))
+    tracker.record(
+        _turn("speculative", 4, accepted=95, rejected=5, rounds=25, draft_ms=9.0, verify_ms=36.0, forwards=25)
+    )
     assert tracker.acceptance_rate == pytest.approx(0.95)
     assert tracker.cost_ratio == pytest.approx(0.3)
     assert tracker.verify_slope == pytest.approx(0.05)
@@ -29,7 +38,9 @@ def test_auto_k_uses_measured_costs():
     speedups = {j: expected_speedup_with_costs(0.95, j, 0.3, 1 + 0.05 * j) for j in range(1, 17)}
     assert k == max(speedups, key=speedups.get)
     # A verify that costs a full step per extra token makes small K best.
-    tracker.record(_turn("speculative", 8, accepted=8, rejected=0, rounds=1, draft_ms=9.0, verify_ms=30.0 * 9, forwards=1))
+    tracker.record(
+        _turn("speculative", 8, accepted=8, rejected=0, rounds=1, draft_ms=9.0, verify_ms=30.0 * 9, forwards=1)
+    )
     assert tracker.choose_k() < k
 
 
@@ -38,8 +49,18 @@ def test_auto_k_averages_over_the_recent_turns():
         tracker = AcceptanceTracker()
         tracker.record_calibration({n: [0.020 * (1 + 0.05 * (n - 1))] for n in range(1, 18)}, [0.006] * 4)
         for a in rates:  # 200 checked drafts per turn at rate a
-            tracker.record(_turn("speculative", 6, accepted=round(200 * a), rejected=200 - round(200 * a), rounds=40,
-                                 draft_ms=6.0, verify_ms=26.0, forwards=40))  # fmt: skip
+            tracker.record(
+                _turn(
+                    "speculative",
+                    6,
+                    accepted=round(200 * a),
+                    rejected=200 - round(200 * a),
+                    rounds=40,
+                    draft_ms=6.0,
+                    verify_ms=26.0,
+                    forwards=40,
+                )
+            )
         return tracker
 
     def best(rates):  # the K with the least mean time per token over the rates

@@ -5,7 +5,6 @@ Everything runs on tiny random Llama models built here; no network, no real mode
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from chatapp.bench import HF_MODES, goals, runs
 from chatapp.cli import build_parser
 from chatapp.settings import load_settings
 
-
 # --- helpers ----------------------------------------------------------------------
 
 
@@ -25,12 +23,21 @@ def run(mode, tps, *, k=0, t=0.0, prompt="p0", drafted=0, accepted=0, rounds=0, 
     """A synthetic run record as bench.run_config makes them."""
     label = B.Config(mode, k if mode == "speculative" else 0, t).label
     record = {
-        "config": label, "mode": mode, "k": k, "temperature": t, "prompt_id": prompt, "category": "c",
-        "new_tokens": new_tokens, "wall_s": new_tokens / tps, "tokens_per_s": tps,
-        "drafted": drafted, "accepted": accepted, "rounds": rounds,
+        "config": label,
+        "mode": mode,
+        "k": k,
+        "temperature": t,
+        "prompt_id": prompt,
+        "category": "c",
+        "new_tokens": new_tokens,
+        "wall_s": new_tokens / tps,
+        "tokens_per_s": tps,
+        "drafted": drafted,
+        "accepted": accepted,
+        "rounds": rounds,
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_per_round": accepted / rounds if rounds else None,
-    }  # fmt: skip
+    }
     record.update(extra)
     return record
 
@@ -52,13 +59,18 @@ MICRO = {
 def good_runs():
     """Synthetic runs for which every goal passes."""
     runs = []
-    for t, std, spec2, spec4, auto, hfa, a2 in ((0.0, 25.0, 60.0, 55.0, 59.0, 30.0, 0.9), (0.7, 25.0, 40.0, 38.0, 39.0, 20.0, 0.8)):
+    for t, std, spec2, spec4, auto, hfa, a2 in (
+        (0.0, 25.0, 60.0, 55.0, 59.0, 30.0, 0.9),
+        (0.7, 25.0, 40.0, 38.0, 39.0, 20.0, 0.8),
+    ):
         for p, jitter in (("p0", 1.0), ("p1", 1.2), ("p2", 0.8)):
             runs += [
                 run("hf-generate", 10.0 * jitter, t=t, prompt=p),
                 run("hf-assisted", hfa * jitter, t=t, prompt=p),
                 run("standard", std * jitter, t=t, prompt=p),
-                run("speculative", spec2 * jitter, k=2, t=t, prompt=p, drafted=100, accepted=round(100 * a2), rounds=50),
+                run(
+                    "speculative", spec2 * jitter, k=2, t=t, prompt=p, drafted=100, accepted=round(100 * a2), rounds=50
+                ),
                 run("speculative", spec4 * jitter, k=4, t=t, prompt=p, drafted=100, accepted=70, rounds=25),
                 run("auto-k", auto * jitter, t=t, prompt=p, drafted=100, accepted=80, rounds=40),
             ]
@@ -94,8 +106,23 @@ def test_resolve_options_quick_and_overrides():
     assert quick.quick and quick.repeats == 1 and quick.ks == B.QUICK["ks"]
     assert quick.max_new_tokens == B.QUICK["max_new_tokens"] and quick.prompt_limit == B.QUICK["prompt_limit"]
     assert quick.modes == B.MODES
-    full = B.resolve_options(settings, bench_args("--k", "8,2", "--temperature", "0.7", "--modes", "standard,speculative",
-                                                  "--repeats", "2", "--max-new-tokens", "20", "--out", "x"))  # fmt: skip
+    full = B.resolve_options(
+        settings,
+        bench_args(
+            "--k",
+            "8,2",
+            "--temperature",
+            "0.7",
+            "--modes",
+            "standard,speculative",
+            "--repeats",
+            "2",
+            "--max-new-tokens",
+            "20",
+            "--out",
+            "x",
+        ),
+    )
     assert full.ks == (2, 8) and full.temperatures == (0.7,) and full.modes == ("standard", "speculative")
     assert full.repeats == 2 and full.max_new_tokens == 20 and full.out == Path("x") and full.prompt_limit is None
 
@@ -219,10 +246,13 @@ def test_best_fixed_k_and_headline():
 def test_paired_ratio_cancels_per_prompt_slowdowns():
     # prompt p1 ran while the machine was busy: both configurations at half speed
     runs = [
-        run("standard", 20.0, prompt="p0"), run("speculative", 40.0, k=2, prompt="p0"),
-        run("standard", 10.0, prompt="p1"), run("speculative", 20.0, k=2, prompt="p1"),
-        run("standard", 21.0, prompt="p2"), run("speculative", 33.6, k=2, prompt="p2"),
-    ]  # fmt: skip
+        run("standard", 20.0, prompt="p0"),
+        run("speculative", 40.0, k=2, prompt="p0"),
+        run("standard", 10.0, prompt="p1"),
+        run("speculative", 20.0, k=2, prompt="p1"),
+        run("standard", 21.0, prompt="p2"),
+        run("speculative", 33.6, k=2, prompt="p2"),
+    ]
     paired = B.paired_vs_standard(runs)
     assert paired["standard T=0"] == 1.0
     assert paired["speculative K=2 T=0"] == pytest.approx(2.0)  # median of 2.0, 2.0, 1.6
@@ -318,9 +348,15 @@ def tiny():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     hf = LlamaForCausalLM(config).eval()
     target = LlamaDecoderLM.from_hf(hf)
     draft = LlamaDecoderLM.from_hf(hf, quantize="int8-weight-only")
@@ -350,14 +386,27 @@ def test_agreement_of_identical_models_is_one(tiny):
 def test_tiny_end_to_end(tiny, tmp_path):
     prompts = [B.BenchPrompt(f"p{i}", "cat", tuple(range(3 + i, 15 + i))) for i in range(2)]
     options = B.Options(
-        max_new_tokens=10, ks=(2, 3), temperatures=(0.0, 0.7), warmup_tokens=4, micro_reps=2, bandwidth_mb=8, out=tmp_path
+        max_new_tokens=10,
+        ks=(2, 3),
+        temperatures=(0.0, 0.7),
+        warmup_tokens=4,
+        micro_reps=2,
+        bandwidth_mb=8,
+        out=tmp_path,
     )
     result = B.bench(tiny, prompts, options, progress=lambda message: None)
     result["timing"]["total_s"] = 1.0
     B.finish(result)
     files = B.write_outputs(result, tmp_path, progress=lambda message: None)
 
-    for name in ("results.json", "report.md", "acceptance_vs_k.png", "speedup_vs_k.png", "measured_vs_theory.png", "tokens_per_s.png"):
+    for name in (
+        "results.json",
+        "report.md",
+        "acceptance_vs_k.png",
+        "speedup_vs_k.png",
+        "measured_vs_theory.png",
+        "tokens_per_s.png",
+    ):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "results.json").read_text())
     configs = B.build_configs(options)
@@ -400,7 +449,9 @@ def test_tiny_end_to_end(tiny, tmp_path):
     assert "speculative K=3 T=0.7" in report and "tokens_per_s.png" in report
     assert files["report"] == tmp_path / "report.md"
     assert "## Auto-K trackers at the end" in report and "- T=0: auto: a=" in report
-    assert B.headline_from_results(tmp_path / "results.json") == B.headline_table(result["summary"], result["paired_vs_standard"])
+    assert B.headline_from_results(tmp_path / "results.json") == B.headline_table(
+        result["summary"], result["paired_vs_standard"]
+    )
 
 
 class StandardChoosingTracker(AcceptanceTracker):
@@ -426,8 +477,15 @@ def test_auto_k_choosing_standard_runs_standard_decoding(tiny):
 
 def test_deadline_keeps_at_least_two_prompts_and_lists_the_rest(tiny):
     prompts = [B.BenchPrompt(f"p{i}", "cat", tuple(range(3 + i, 12 + i))) for i in range(4)]
-    options = B.Options(max_new_tokens=4, ks=(2,), temperatures=(0.0,), modes=("standard", "speculative"),
-                        warmup_tokens=2, micro_reps=1, bandwidth_mb=8)  # fmt: skip
+    options = B.Options(
+        max_new_tokens=4,
+        ks=(2,),
+        temperatures=(0.0,),
+        modes=("standard", "speculative"),
+        warmup_tokens=2,
+        micro_reps=1,
+        bandwidth_mb=8,
+    )
     import time
 
     result = B.bench(tiny, prompts, options, progress=lambda message: None, deadline=time.perf_counter())

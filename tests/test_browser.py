@@ -17,18 +17,23 @@ import socket
 from pathlib import Path
 
 import pytest
+from fake_engine import FakeService, fake_loader
 
 from chatapp import ui
 from chatapp.settings import DEFAULT_SETTINGS_PATH, load_settings, with_overrides
-from fake_engine import FakeService, fake_loader
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TIMEOUT_MS = 30_000
 REAL_LOAD_TIMEOUT_MS = 600_000  # the real model on a busy CPU: a reply, or loading and calibrating the pair
 
@@ -99,8 +104,16 @@ def test_chat_in_the_browser(page):
     stats = page.locator("#turn-stats")
     assert stats.is_visible()
     text = stats.inner_text()
-    for part in ("speculative", "K = 4 (fixed)", "acceptance", "accepted/round", "tok/s", "vs standard decoding",
-                 "baseline:", "draft INT8 path:"):  # fmt: skip
+    for part in (
+        "speculative",
+        "K = 4 (fixed)",
+        "acceptance",
+        "accepted/round",
+        "tok/s",
+        "vs standard decoding",
+        "baseline:",
+        "draft INT8 path:",
+    ):
         assert part in text, (part, text)
     tokens = page.locator("#token-view")
     assert tokens.is_visible()
@@ -193,7 +206,8 @@ def test_the_model_tab_switches_the_pair_in_the_browser():
         page.locator("#model-preset input").click()  # a preset fills the picker
         page.get_by_role("option", name="qwen2.5-1.5b", exact=False).first.click()
         page.wait_for_function(
-            "() => document.querySelector('#model-target textarea').value === 'Qwen/Qwen2.5-1.5B-Instruct'")
+            "() => document.querySelector('#model-target textarea').value === 'Qwen/Qwen2.5-1.5B-Instruct'"
+        )
         assert draft.input_value() == "Qwen/Qwen2.5-0.5B-Instruct" and draft.is_enabled()
 
         target.fill("")
@@ -205,7 +219,8 @@ def test_the_model_tab_switches_the_pair_in_the_browser():
         _wait_text(page, "#model-load-status", "Now serving")
         status = page.locator("#model-load-status").inner_text()
         assert "vocabulary check: compatible" in status and status.index("loading tiny/chat-target") < status.index(
-            "vocabulary check")
+            "vocabulary check"
+        )
         _wait_text(page, "#model-status", "tiny/chat-target")  # the header names the new pair
         _wait_text(page, "#model-info", "tiny/chat-draft")
         _screenshot(page, "browser-model-tab.png")
@@ -270,8 +285,10 @@ def test_real_model_in_the_browser():
         # The Model tab: the same pair loaded again, checked, and swapped in while the first one serves.
         page.get_by_role("tab", name="Model").click()
         page.locator("#model-load-btn").click()
-        page.wait_for_function("() => document.querySelector('#model-load-status').innerText.includes('Now serving')",
-                               timeout=REAL_LOAD_TIMEOUT_MS)
+        page.wait_for_function(
+            "() => document.querySelector('#model-load-status').innerText.includes('Now serving')",
+            timeout=REAL_LOAD_TIMEOUT_MS,
+        )
         status = page.locator("#model-load-status").inner_text()
         assert "vocabulary check: compatible" in status and "measuring standard decoding" in status, status
         shots["screenshot-model-tab.png"] = _screenshot(page, "browser-real-model-tab.png")

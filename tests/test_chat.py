@@ -54,9 +54,12 @@ def tiny_tokenizer(template: str | None = CHATML):
     )
     bpe.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>",
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
         chat_template=template,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +85,17 @@ def template_ids(tokenizer, messages):
 
 def test_normalize_history_accepts_strings_and_block_lists():
     history = [
-        {"role": "user", "content": [{"type": "text", "text": "Look at"}, {"type": "image", "url": "x.png"}, {"type": "text", "text": "this"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look at"},
+                {"type": "image", "url": "x.png"},
+                {"type": "text", "text": "this"},
+            ],
+        },
         {"role": "assistant", "content": "A cat.", "metadata": None},
         {"role": "user", "content": {"type": "text", "text": "And now?"}},
-    ]  # fmt: skip
+    ]
     assert normalize_history(history) == [user("Look at\nthis"), assistant("A cat."), user("And now?")]
 
 

@@ -29,14 +29,22 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def test_a_conversation_is_there_after_a_restart(tmp_path):
     # Two processes, as two starts of the app: the second reads what the first saved.
     env = {**os.environ, "SPECCHAT_DATA_DIR": str(tmp_path / "data")}
-    save = ("import json, sys; from chatapp.conversations import ConversationStore as S; "
-            "c = S().new(); S().set_messages(c.id, json.loads(sys.argv[1])); print(c.id)")
-    saved_id = subprocess.run([sys.executable, "-c", save, json.dumps(CHAT)], cwd=ROOT, env=env, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    read = ("import json; from chatapp.conversations import ConversationStore as S; s = S(); "
-            "print(json.dumps([[x.id, x.title] for x in s.list()] + [list(s.load(s.list()[0].id).messages)]))")
-    listed = json.loads(subprocess.run([sys.executable, "-c", read], cwd=ROOT, env=env, check=True,
-                                       capture_output=True, text=True).stdout)
+    save = (
+        "import json, sys; from chatapp.conversations import ConversationStore as S; "
+        "c = S().new(); S().set_messages(c.id, json.loads(sys.argv[1])); print(c.id)"
+    )
+    saved_id = subprocess.run(
+        [sys.executable, "-c", save, json.dumps(CHAT)], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    read = (
+        "import json; from chatapp.conversations import ConversationStore as S; s = S(); "
+        "print(json.dumps([[x.id, x.title] for x in s.list()] + [list(s.load(s.list()[0].id).messages)]))"
+    )
+    listed = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", read], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+        ).stdout
+    )
     assert listed[:-1] == [[saved_id, "Why is the sky blue?"]]
     assert listed[-1] == CHAT
     assert sorted(_tree(tmp_path)) == [f"data/conversations/{saved_id}.json"]  # nothing written anywhere else
@@ -116,16 +124,23 @@ def test_corrupt_and_foreign_files_are_skipped_never_deleted(tmp_path):
             store.load(bad_id)
     store.rename(good.id, "still works")
     after = _tree(tmp_path)
-    assert {k: v for k, v in after.items() if not k.startswith(good.id)} == \
-        {k: v for k, v in before.items() if not k.startswith(good.id)}
+    assert {k: v for k, v in after.items() if not k.startswith(good.id)} == {
+        k: v for k, v in before.items() if not k.startswith(good.id)
+    }
 
 
 def test_malformed_messages_are_dropped_on_reading(tmp_path):
     store = ConversationStore(tmp_path)
     made = store.new()
     data = made.to_json()
-    data["messages"] = [CHAT[0], {"role": "system", "content": "x"}, {"role": "user"}, "text", None,
-                        {"role": "assistant", "content": "ok", "stats": "not a record", "extra": 1}]
+    data["messages"] = [
+        CHAT[0],
+        {"role": "system", "content": "x"},
+        {"role": "user"},
+        "text",
+        None,
+        {"role": "assistant", "content": "ok", "stats": "not a record", "extra": 1},
+    ]
     (tmp_path / f"{made.id}.json").write_text(json.dumps(data))
     assert list(store.load(made.id).messages) == [CHAT[0], {"role": "assistant", "content": "ok"}]
 
@@ -166,7 +181,9 @@ def test_a_failed_write_leaves_the_old_version(tmp_path, monkeypatch):
 
 
 def test_storage_imports_no_gradio():
-    code = "import sys, chatapp.conversations; print(sorted(m for m in sys.modules if m.split('.')[0] in "\
-           "('gradio', 'torch', 'transformers') or m.startswith('chatapp')))"
+    code = (
+        "import sys, chatapp.conversations; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('gradio', 'torch', 'transformers') or m.startswith('chatapp')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['chatapp', 'chatapp.conversations', 'chatapp.paths']"

@@ -91,8 +91,15 @@ def instance(tmp_path: Path) -> dict | None:
 
 
 def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -117,8 +124,12 @@ def display():
     if desktop.window_unavailable() == "pywebview is not installed" or importlib.util.find_spec("gi") is None:
         pytest.skip("pywebview or GTK's Python bindings are missing (`make setup` installs them)")
     read_end, write_end = os.pipe()
-    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
-                            pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    xvfb = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
+        pass_fds=(write_end,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(write_end)
     with os.fdopen(read_end) as pipe:
         number = pipe.readline().strip()
@@ -140,8 +151,9 @@ def app_window(display: str) -> int | None:
 
 def screenshot(display: str, window: int, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["import", "-window", str(window), str(path)], env={**os.environ, "DISPLAY": display}, check=True,
-                   timeout=60)
+    subprocess.run(
+        ["import", "-window", str(window), str(path)], env={**os.environ, "DISPLAY": display}, check=True, timeout=60
+    )
     return path
 
 
@@ -150,9 +162,16 @@ def image_colors(display: str, path: Path) -> int:
 
 
 class _ClientMessage(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int),
-                ("display", ctypes.c_void_p), ("window", ctypes.c_ulong), ("message_type", ctypes.c_ulong),
-                ("format", ctypes.c_int), ("data", ctypes.c_long * 5)]
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("serial", ctypes.c_ulong),
+        ("send_event", ctypes.c_int),
+        ("display", ctypes.c_void_p),
+        ("window", ctypes.c_ulong),
+        ("message_type", ctypes.c_ulong),
+        ("format", ctypes.c_int),
+        ("data", ctypes.c_long * 5),
+    ]
 
 
 class _XEvent(ctypes.Union):
@@ -178,8 +197,9 @@ def close_like_a_user(display: str, window: int) -> None:
 
 
 def startup_wm_class() -> str:
-    return next(line.split("=", 1)[1] for line in DESKTOP_ENTRY.read_text().splitlines()
-                if line.startswith("StartupWMClass="))
+    return next(
+        line.split("=", 1)[1] for line in DESKTOP_ENTRY.read_text().splitlines() if line.startswith("StartupWMClass=")
+    )
 
 
 # --- the window, with the fake service ------------------------------------------------------
@@ -289,9 +309,11 @@ def test_one_instance_per_data_folder(tmp_path):
 
 
 def test_the_lock_dies_with_its_process(tmp_path):
-    code = ("import pathlib, sys, time; from chatapp.desktop import InstanceLock; "
-            "lock = InstanceLock(pathlib.Path(sys.argv[1])); assert lock.acquire(); print('held', flush=True); "
-            "time.sleep(60)")
+    code = (
+        "import pathlib, sys, time; from chatapp.desktop import InstanceLock; "
+        "lock = InstanceLock(pathlib.Path(sys.argv[1])); assert lock.acquire(); print('held', flush=True); "
+        "time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -338,8 +360,9 @@ def test_routes_status_loading_page_and_app(served):
 def test_focus_needs_the_token(served):
     server, focused = served
     for token in ("", "wrong"):
-        request = urllib.request.Request(f"{server.url}specchat/focus", method="POST", data=b"",
-                                         headers={desktop.TOKEN_HEADER: token})
+        request = urllib.request.Request(
+            f"{server.url}specchat/focus", method="POST", data=b"", headers={desktop.TOKEN_HEADER: token}
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=5)
         assert refused.value.code == 403
@@ -359,8 +382,11 @@ def test_loading_progress_is_reported_while_the_models_load():
     server = desktop.AppServer(SETTINGS, slow_factory)
     server.start()
     try:
-        status = wait_until(lambda: get_json(f"{server.url}specchat/status")["progress"] and
-                            get_json(f"{server.url}specchat/status"), 30, "progress")
+        status = wait_until(
+            lambda: get_json(f"{server.url}specchat/status")["progress"] and get_json(f"{server.url}specchat/status"),
+            30,
+            "progress",
+        )
         assert status["status"] == "loading" and status["progress"] == ["converting the model (once)"]
         release.set()
         wait_until(lambda: get_json(f"{server.url}specchat/status")["status"] == "ready", 30, "ready")
@@ -427,14 +453,21 @@ def test_specchat_opens_its_window_and_answers_with_the_embedded_model(display, 
         stop(app)
 
 
-@pytest.mark.parametrize(("argv", "command", "browser"), [
-    ([], "desktop", False),
-    (["--browser"], "desktop", True),
-    (["--port", "8000"], "desktop", False),
-    (["desktop", "--browser"], "desktop", True),
-    (["--host", "0.0.0.0", "--port", "8080", "--no-browser"], "serve", None),  # serving on the network stays `serve`
-    (["--share"], "serve", None),
-])
+@pytest.mark.parametrize(
+    ("argv", "command", "browser"),
+    [
+        ([], "desktop", False),
+        (["--browser"], "desktop", True),
+        (["--port", "8000"], "desktop", False),
+        (["desktop", "--browser"], "desktop", True),
+        (
+            ["--host", "0.0.0.0", "--port", "8080", "--no-browser"],
+            "serve",
+            None,
+        ),  # serving on the network stays `serve`
+        (["--share"], "serve", None),
+    ],
+)
 def test_specchat_without_a_command_opens_the_desktop_app(monkeypatch, argv, command, browser):
     from chatapp import cli
 

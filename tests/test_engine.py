@@ -13,7 +13,6 @@ What they pin down:
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -116,6 +115,7 @@ def test_draft_fixture_has_partial_acceptance(chat_models, sampling):
 
 # -- 2. identical draft ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("sampling", [GREEDY, T1], ids=["T0", "T1"])
 @pytest.mark.parametrize("k, max_new_tokens", [(1, 40), (4, 20), (4, 22), (4, 21)])
 def test_identical_draft_accepts_everything(chat_models, sampling, k, max_new_tokens):
@@ -177,9 +177,14 @@ def sample_first_two(models, case: DistCase, mode: str, n: int = N_SAMPLES) -> S
     out = Samples(torch.zeros(models.vocab, models.vocab, dtype=torch.float64), 0, 0, Counter())
     for seed in range(n):
         gen = generate(
-            models, DIST_PROMPT, mode=mode, k=case.k, sampling=case.sampling,
-            max_new_tokens=case.max_new_tokens, seed=seed,
-        )  # fmt: skip
+            models,
+            DIST_PROMPT,
+            mode=mode,
+            k=case.k,
+            sampling=case.sampling,
+            max_new_tokens=case.max_new_tokens,
+            seed=seed,
+        )
         tokens = gen.run()
         out.counts[tokens[0].id, tokens[1].id] += 1
         out.accepted += gen.stats.accepted
@@ -578,7 +583,11 @@ def test_acceptance_rate_is_the_per_token_rate_of_the_theory(chat_models, k):
         gen = generate(chat_models, PROMPT, k=k, sampling=T1, max_new_tokens=60, seed=seed)
         chunks = list(gen)
         round_sizes += [len(c) for c in chunks[:-1]]  # the last round may be cut by the budget
-        accepted, rejected, drafted = accepted + gen.stats.accepted, rejected + gen.stats.rejected, drafted + gen.stats.drafted
+        accepted, rejected, drafted = (
+            accepted + gen.stats.accepted,
+            rejected + gen.stats.rejected,
+            drafted + gen.stats.drafted,
+        )
         assert gen.stats.acceptance_rate == gen.stats.accepted / (gen.stats.accepted + gen.stats.rejected)
     measured = sum(round_sizes) / len(round_sizes)
     a = accepted / (accepted + rejected)
@@ -597,24 +606,29 @@ def test_measure_forward_costs(chat_models):
     assert sorted(forwards) == [1] and len(forwards[1]) == 2
 
 
-
-
 # -- 11. the conversation's prefix cache ------------------------------------------------
 
 
 def conversation(models, sampling, *, reuse: bool, turns: int = 4) -> list[list[int]]:
     """Replies of a conversation: each prompt is the previous prompt + reply + a new user message."""
     generator = torch.Generator().manual_seed(11)
-    prompt, kept, replies = list(PROMPT), None, []
+    prompt, kept, replies, new_tokens = list(PROMPT), None, [], 3
     for turn in range(turns):
-        gen = generate(models, prompt, k=3, sampling=sampling, max_new_tokens=8, seed=turn,
-                       prefix=kept if reuse else None, keep_cache=reuse)
+        gen = generate(
+            models,
+            prompt,
+            k=3,
+            sampling=sampling,
+            max_new_tokens=8,
+            seed=turn,
+            prefix=kept if reuse else None,
+            keep_cache=reuse,
+        )
         reply = ids(gen.run())
         replies.append(reply)
         if reuse:
             kept = gen.kept
             assert gen.stats.prefix_reused == (0 if turn == 0 else len(prompt) - 1 - new_tokens)
-        new_tokens = 3
         prompt = prompt + reply + torch.randint(models.vocab, (new_tokens,), generator=generator).tolist()
     return replies
 

@@ -35,8 +35,15 @@ class Faulty:
     """A DecoderLM that delegates to `inner`; from forward call number `fail_at` on (1-based) it raises
     `error`, every call sleeps `delay_s`, and with `corrupt` its logits carry +inf and NaN."""
 
-    def __init__(self, inner, *, fail_at: int | None = None, error: BaseException | None = None,
-                 corrupt: bool = False, delay_s: float = 0.0):
+    def __init__(
+        self,
+        inner,
+        *,
+        fail_at: int | None = None,
+        error: BaseException | None = None,
+        corrupt: bool = False,
+        delay_s: float = 0.0,
+    ):
         self.inner, self.fail_at, self.corrupt, self.delay_s = inner, fail_at, corrupt, delay_s
         self.error = error or RuntimeError("simulated fault\nwith a second line")
         self.calls = 0
@@ -79,8 +86,7 @@ def hf_models():
 @pytest.mark.parametrize("mode", ["standard", "speculative"])
 def test_non_finite_target_probabilities_raise_instead_of_emitting(hf_models, mode):
     target, draft = hf_models
-    generation = Generation(Faulty(target, corrupt=True), draft, PROMPT, mode=mode, k=3, sampling=T1,
-                            max_new_tokens=8)
+    generation = Generation(Faulty(target, corrupt=True), draft, PROMPT, mode=mode, k=3, sampling=T1, max_new_tokens=8)
     with pytest.raises(NonFiniteProbabilitiesError, match="target's probabilities are not finite"):
         generation.run()
     assert generation.tokens == []

@@ -100,8 +100,12 @@ def test_cpu_acceptance_is_read_from_the_cpu_bench(tmp_path):
     summary = {
         "speculative K=2 T=0": {"mode": "speculative", "temperature": 0.0, "alpha": 0.96},
         "speculative K=4 T=0": {"mode": "speculative", "temperature": 0.0, "alpha": 0.98},
-        "speculative K=6 T=0": {"mode": "speculative", "temperature": 0.0, "alpha": None,
-                                "pooled_acceptance_rate": 0.90},
+        "speculative K=6 T=0": {
+            "mode": "speculative",
+            "temperature": 0.0,
+            "alpha": None,
+            "pooled_acceptance_rate": 0.90,
+        },
         "speculative K=4 T=0.7": {"mode": "speculative", "temperature": 0.7, "alpha": 0.5},
         "standard T=0": {"mode": "standard", "temperature": 0.0, "alpha": None},
     }

@@ -86,10 +86,24 @@ def test_sampling_is_seeded_and_mixes_sources(pair):
 def test_cli_generate_json(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "main.py", "generate", "--prompt", "Name a primary color.", "--max-new-tokens", "12",
-         "--k", "3", "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "main.py",
+            "generate",
+            "--prompt",
+            "Name a primary color.",
+            "--max-new-tokens",
+            "12",
+            "--k",
+            "3",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout)
     assert len(out["token_ids"]) == len(out["sources"]) == out["stats"]["new_tokens"] > 0

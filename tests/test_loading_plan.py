@@ -14,8 +14,11 @@ from transformers import GPT2Config, LlamaConfig
 from chatapp.engine import Generation
 from chatapp.graph_llama import GraphLlamaLM
 from chatapp.models import load_pair, loading
-from tests.test_models import model_settings, tiny  # noqa: F401  (the fixture of tiny model folders)
-from tests.test_models import tok  # noqa: F401
+from tests.test_models import (  # noqa: F401  (the fixture of tiny model folders)
+    model_settings,
+    tiny,
+    tok,  # noqa: F401
+)
 
 
 @pytest.fixture
@@ -24,8 +27,14 @@ def reports_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
 
 
-LLAMA = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=4, num_key_value_heads=2)
+LLAMA = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 GPT2 = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)
 
 

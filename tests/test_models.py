@@ -27,8 +27,15 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from chatapp.lm import HFDecoderLM
 from chatapp.models import (
@@ -65,8 +72,15 @@ def model_settings(**changes):
     try:
         from chatapp.settings import ModelSettings
     except ImportError:
-        defaults = dict(target=EMBEDDED, draft="", device="auto", target_dtype="auto",
-                        draft_quantization="auto", trust_remote_code=False, max_context=2048)  # fmt: skip
+        defaults = dict(
+            target=EMBEDDED,
+            draft="",
+            device="auto",
+            target_dtype="auto",
+            draft_quantization="auto",
+            trust_remote_code=False,
+            max_context=2048,
+        )
         return SimpleNamespace(**{**defaults, **changes})
     return dataclasses.replace(ModelSettings(), **changes)
 
@@ -90,10 +104,18 @@ def tiny_tokenizer(corpus=CORPUS, eos="<|im_end|>"):
 def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -110,7 +132,9 @@ def save_folder(folder: Path, model, tokenizer) -> Path:
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's Q/K row order (the converter undoes it)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def write_gguf(path: Path, model: LlamaForCausalLM, tokenizer) -> Path:
@@ -143,16 +167,24 @@ def write_gguf(path: Path, model: LlamaForCausalLM, tokenizer) -> Path:
     writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
     names = {
-        "attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-        "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "attn_norm": "input_layernorm",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
-    }  # fmt: skip
+    }
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
         for gguf_name, hf_name in names.items():
             writer.add_tensor(f"blk.{i}.{gguf_name}.weight", weights[f"{layer}{hf_name}.weight"])
-        writer.add_tensor(f"blk.{i}.attn_q.weight", _permute(weights[layer + "self_attn.q_proj.weight"], config.num_attention_heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", _permute(weights[layer + "self_attn.k_proj.weight"], config.num_key_value_heads))
+        writer.add_tensor(
+            f"blk.{i}.attn_q.weight", _permute(weights[layer + "self_attn.q_proj.weight"], config.num_attention_heads)
+        )
+        writer.add_tensor(
+            f"blk.{i}.attn_k.weight", _permute(weights[layer + "self_attn.k_proj.weight"], config.num_key_value_heads)
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -398,7 +430,10 @@ def test_hub_errors_are_one_line(monkeypatch, kind, words):
 
 
 def test_check_compatible_same_tokenizer(tok):
-    assert check_compatible(tok, tiny_tokenizer(), "t", "d") == f"compatible: same tokenizer vocabulary ({len(tok)} tokens)"
+    assert (
+        check_compatible(tok, tiny_tokenizer(), "t", "d")
+        == f"compatible: same tokenizer vocabulary ({len(tok)} tokens)"
+    )
 
 
 def test_check_compatible_allows_extra_tokens_at_the_end(tok):
@@ -467,7 +502,10 @@ def test_embedded_pair_answers_sensibly(embedded_pair):
 
 
 def test_load_pair_with_a_separate_draft(tiny):
-    pair = load_pair(model_settings(target=str(tiny.llama), draft=str(tiny.llama_draft), device="cpu", max_context=128), lambda m: None)
+    pair = load_pair(
+        model_settings(target=str(tiny.llama), draft=str(tiny.llama_draft), device="cpu", max_context=128),
+        lambda m: None,
+    )
     assert pair.compatibility == "compatible: same tokenizer vocabulary (300 tokens)"
     assert pair.target.info.name == "llama" and pair.draft.info.name == "llama-draft"
     assert pair.target.max_positions == 128
@@ -509,7 +547,9 @@ def test_load_pair_non_llama_auto_draft_runs_unquantized_with_a_warning(tiny):
 
 def test_load_pair_non_llama_explicit_int8_is_an_error(tiny):
     with pytest.raises(ModelLoadError, match="int8-weight-only needs a Llama-family model"):
-        load_pair(model_settings(target=str(tiny.gpt2), draft_quantization="int8-weight-only", device="cpu"), lambda m: None)
+        load_pair(
+            model_settings(target=str(tiny.gpt2), draft_quantization="int8-weight-only", device="cpu"), lambda m: None
+        )
 
 
 def test_load_pair_reads_safetensors_only(tmp_path, tok):

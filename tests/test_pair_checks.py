@@ -76,8 +76,17 @@ def test_check_vocab_sizes_names_both_sizes(tok):  # noqa: F811
 
 
 def test_the_command_line_says_it_in_one_line(folders, capsys):
-    argv = ["generate", "--prompt", "hi", "--target", str(folders["full"]), "--draft", str(folders["short"]),
-            "--device", "cpu"]
+    argv = [
+        "generate",
+        "--prompt",
+        "hi",
+        "--target",
+        str(folders["full"]),
+        "--draft",
+        str(folders["short"]),
+        "--device",
+        "cpu",
+    ]
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the draft '") and "token embeddings" in err[-1]
@@ -120,8 +129,9 @@ def test_the_target_never_falls_back(folders):
 
 def test_the_service_runs_standard_decoding_without_a_draft_and_says_why(folders, tmp_path):
     spec = str(tmp_path / "no-such-model")
-    pair = load_pair(model_settings(target=str(folders["full"]), draft=spec, device="cpu"), lambda message: None,
-                     draft_fallback=True)
+    pair = load_pair(
+        model_settings(target=str(folders["full"]), draft=spec, device="cpu"), lambda message: None, draft_fallback=True
+    )
     service = ChatService(pair)
     assert service.context == pair.target.max_positions and service.standard_only.startswith(
         "standard decoding only: the draft could not be loaded: "

@@ -40,11 +40,14 @@ def test_paths_imports_nothing_of_ours():
     assert loaded.strip() == "['chatapp', 'chatapp.paths']"
 
 
-@pytest.mark.parametrize(("function", "variable", "xdg", "default"), [
-    (paths.cache_dir, "SPECCHAT_CACHE_DIR", "XDG_CACHE_HOME", ".cache"),
-    (paths.data_dir, "SPECCHAT_DATA_DIR", "XDG_DATA_HOME", ".local/share"),
-    (paths.config_dir, "SPECCHAT_CONFIG_DIR", "XDG_CONFIG_HOME", ".config"),
-])
+@pytest.mark.parametrize(
+    ("function", "variable", "xdg", "default"),
+    [
+        (paths.cache_dir, "SPECCHAT_CACHE_DIR", "XDG_CACHE_HOME", ".cache"),
+        (paths.data_dir, "SPECCHAT_DATA_DIR", "XDG_DATA_HOME", ".local/share"),
+        (paths.config_dir, "SPECCHAT_CONFIG_DIR", "XDG_CONFIG_HOME", ".config"),
+    ],
+)
 def test_each_folder_is_its_variable_else_the_xdg_folder(monkeypatch, tmp_path, function, variable, xdg, default):
     if sys.platform != "linux":
         pytest.skip("XDG folders are the Linux defaults")
@@ -70,8 +73,12 @@ def test_state_secret_is_kept_private_and_reused(monkeypatch, tmp_path):
     code = "from chatapp.paths import state_secret; print(state_secret())"
     env = {**os.environ, "SPECCHAT_CONFIG_DIR": str(tmp_path / "config")}
     root = Path(__file__).resolve().parent.parent
-    assert subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == secret
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == secret
+    )
     assert sorted(p.name for p in (tmp_path / "config").iterdir()) == ["state-secret"]
     stored.chmod(0o644)  # widened by someone: narrowed again on reading
     assert paths.state_secret() == secret and stat.S_IMODE(stored.stat().st_mode) == 0o600

@@ -32,8 +32,14 @@ def test_a_fixed_k_turn_and_its_record(service):
     text = "".join(event.text for event in turn)
     record = turn.record()
     assert record["mode"] == "speculative" and record["k"] == 3 and record["new_tokens"] == len(turn.tokens)
-    assert record["k_choice"] == {"k": 3, "auto": False, "acceptance_rate": None, "cost_ratio": None,
-                                  "verify_slope": None, "expected_speedup": None}
+    assert record["k_choice"] == {
+        "k": 3,
+        "auto": False,
+        "acceptance_rate": None,
+        "cost_ratio": None,
+        "verify_slope": None,
+        "expected_speedup": None,
+    }
     assert text == turn.text
     json.dumps(record, allow_nan=False)
 

@@ -48,7 +48,7 @@ def write_toml(tmp_path):
 
 @pytest.fixture
 def settings_file(write_toml):
-    return write_toml("[decoding]\nk = 5\ntemperature = 0.7\n\n[model]\ntarget = \"from-file\"\n" + PRESETS_TOML)
+    return write_toml('[decoding]\nk = 5\ntemperature = 0.7\n\n[model]\ntarget = "from-file"\n' + PRESETS_TOML)
 
 
 def expect_error(*fragments: str, **kwargs) -> SettingsError:
@@ -64,6 +64,7 @@ def expect_error(*fragments: str, **kwargs) -> SettingsError:
 
 
 # --- the repository's settings.toml ---------------------------------------------
+
 
 def test_repo_settings_file_matches_dataclass_defaults():
     raw = tomllib.loads(DEFAULT_SETTINGS_PATH.read_text(encoding="utf-8"))
@@ -102,6 +103,7 @@ def test_default_path_is_repo_root_and_specchat_config_overrides_it(settings_fil
 
 # --- file values ------------------------------------------------------------------
 
+
 def test_file_values_override_defaults_and_int_widens_to_float(write_toml):
     path = write_toml("[decoding]\ntemperature = 1\ntop_p = 0.9\n[server]\nport = 8000\nshare = true\n")
     settings = load_settings(path, env={})
@@ -114,10 +116,15 @@ def test_file_values_override_defaults_and_int_widens_to_float(write_toml):
 
 def test_empty_file_gives_defaults(write_toml):
     settings = load_settings(write_toml(""), env={})
-    assert (settings.model, settings.decoding, settings.server) == (ModelSettings(), DecodingSettings(), ServerSettings())
+    assert (settings.model, settings.decoding, settings.server) == (
+        ModelSettings(),
+        DecodingSettings(),
+        ServerSettings(),
+    )
 
 
 # --- validation errors name the key and the file ------------------------------------------
+
 
 @pytest.mark.parametrize(
     "toml, fragments",
@@ -201,6 +208,7 @@ def test_missing_file_via_specchat_config(tmp_path):
 
 # --- environment variables ---------------------------------------------------------------
 
+
 def test_env_overrides_file(settings_file):
     env = {
         "SPECCHAT_DECODING_K": "8",
@@ -262,6 +270,7 @@ def test_unrelated_specchat_variables_are_ignored(settings_file):
 
 
 # --- explicit overrides -----------------------------------------------------------------
+
 
 def test_overrides_beat_env_and_file(settings_file):
     settings = load_settings(
@@ -328,6 +337,7 @@ def test_settings_are_frozen(settings_file):
 
 # --- presets --------------------------------------------------------------------------------
 
+
 def test_presets_load_with_optional_keys_filled(settings_file):
     presets = load_settings(settings_file, env={}).presets
     assert presets == {
@@ -384,11 +394,14 @@ def test_the_command_line_preset_wins_over_the_environment_and_its_target_and_dr
     assert pair(load_settings(path, env=env, overrides={"model.draft": "cli/draft"})) == ("env/target", "cli/draft", "")
 
 
-@pytest.mark.parametrize("where, kwargs", [
-    ("settings_", dict(env={})),  # the file's own name
-    ("environment variable SPECCHAT_MODEL_PRESET", dict(env={"SPECCHAT_MODEL_PRESET": "nope"})),
-    ("command line", dict(env={}, overrides={"model.preset": "nope"})),
-])
+@pytest.mark.parametrize(
+    "where, kwargs",
+    [
+        ("settings_", dict(env={})),  # the file's own name
+        ("environment variable SPECCHAT_MODEL_PRESET", dict(env={"SPECCHAT_MODEL_PRESET": "nope"})),
+        ("command line", dict(env={}, overrides={"model.preset": "nope"})),
+    ],
+)
 def test_an_unknown_preset_is_one_line_naming_where_it_was_asked_for(write_toml, where, kwargs):
     text = PRESETS_TOML if kwargs.get("env") or kwargs.get("overrides") else '[model]\npreset = "nope"\n' + PRESETS_TOML
     path = write_toml(text)
@@ -450,6 +463,8 @@ def test_the_reply_time_limit_comes_from_the_file_the_environment_or_the_command
     env = {"SPECCHAT_LIMITS_MAX_REPLY_SECONDS": "12.5"}
     assert load_settings(path, env=env).limits.max_reply_seconds == 12.5
     assert load_settings(path, env={}, overrides={"limits.max_reply_seconds": 30}).limits.max_reply_seconds == 30.0
-    for value, fragments in (("-1", ["limits.max_reply_seconds = -1", "out of range 0..86400"]),
-                             ("'long'", ["limits.max_reply_seconds", "must be a number"])):
+    for value, fragments in (
+        ("-1", ["limits.max_reply_seconds = -1", "out of range 0..86400"]),
+        ("'long'", ["limits.max_reply_seconds", "must be a number"]),
+    ):
         expect_error(*fragments, path=write_toml(f"[limits]\nmax_reply_seconds = {value}\n"))

@@ -39,7 +39,7 @@ APP = ROOT / "packaging/spaces/app.py"
 TEST_ONLY = {"pytest", "playwright", "ruff", "coverage", "openai"}
 
 # A stand-in for `spaces` on simulated ZeroGPU: spaces.GPU(duration=...) returns a recorded wrapper.
-FAKE_SPACES = '''
+FAKE_SPACES = """
 import functools, inspect
 
 def GPU(task=None, *, duration=None, size=None):
@@ -57,7 +57,7 @@ def GPU(task=None, *, duration=None, size=None):
 
 def gradio_auto_wrap(fn):
     return fn
-'''
+"""
 
 
 def build(out: Path, *flags: str) -> Path:
@@ -139,13 +139,29 @@ def test_cpu_only_bundle_takes_torch_from_the_cpu_wheel_index(tmp_path):
 
 
 def test_bundle_holds_the_app_and_its_readme(bundle):
-    for name in ("app.py", "settings.toml", "packages.txt", "chatapp/engine.py", "chatapp/zerogpu.py",
-                 "chatapp/kernels/cpu_kernels.cpp", "chatapp/ui/layout.py"):
+    for name in (
+        "app.py",
+        "settings.toml",
+        "packages.txt",
+        "chatapp/engine.py",
+        "chatapp/zerogpu.py",
+        "chatapp/kernels/cpu_kernels.cpp",
+        "chatapp/ui/layout.py",
+    ):
         assert (bundle / name).is_file(), name
     assert not list(bundle.rglob("__pycache__")) and not list(bundle.rglob("*.pyc"))
     body = (bundle / "README.md").read_text()
-    for needed in ("HF_TOKEN", "SPECCHAT_PRESET", "SPECCHAT_MODEL_TARGET", "SPECCHAT_MODEL_DRAFT", "hf upload",
-                   "torch.compile", "3.12.12", "@spaces.GPU", "build.sh --cpu-only"):
+    for needed in (
+        "HF_TOKEN",
+        "SPECCHAT_PRESET",
+        "SPECCHAT_MODEL_TARGET",
+        "SPECCHAT_MODEL_DRAFT",
+        "hf upload",
+        "torch.compile",
+        "3.12.12",
+        "@spaces.GPU",
+        "build.sh --cpu-only",
+    ):
         assert needed in body, needed
 
 
@@ -164,8 +180,9 @@ def test_the_space_binds_all_interfaces_on_7860_and_takes_the_preset(app):
     settings = app["space_settings"]({})
     assert (settings.server.host, settings.server.port) == ("0.0.0.0", 7860)
     assert not settings.server.open_browser and not settings.server.share
-    settings = app["space_settings"]({"SPECCHAT_PRESET": "qwen2.5-1.5b", "GRADIO_SERVER_PORT": "7999",
-                                      "SPECCHAT_MODEL_TARGET": "someone/else"})
+    settings = app["space_settings"](
+        {"SPECCHAT_PRESET": "qwen2.5-1.5b", "GRADIO_SERVER_PORT": "7999", "SPECCHAT_MODEL_TARGET": "someone/else"}
+    )
     assert (settings.model.target, settings.model.draft) == ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct")
     assert settings.server.port == 7999
     assert app["space_settings"]({"SPECCHAT_MODEL_TARGET": EMBEDDED}).model.target == EMBEDDED
@@ -437,16 +454,29 @@ PROBE = textwrap.dedent('''
 def zerogpu_probe(bundle, tmp_path_factory) -> dict:
     fakes = tmp_path_factory.mktemp("fake-spaces")
     (fakes / "spaces.py").write_text(FAKE_SPACES)
-    env = {**os.environ, zerogpu.ZEROGPU_ENV: "true", "PYTHONPATH": str(fakes), "HF_HUB_OFFLINE": "1",
-           "SPECCHAT_MODEL_TARGET": EMBEDDED, "GRADIO_ANALYTICS_ENABLED": "False",
-           # No CUDA emulation on a CPU build of torch (the real `spaces` provides it on ZeroGPU), so the CPU;
-           # without the CPU kernels, whose load times a step: on ZeroGPU the graph decoder runs, as here.
-           "SPECCHAT_MODEL_DEVICE": "cpu", "SPECCHAT_DISABLE_KERNELS": "1"}
-    run = subprocess.run([sys.executable, "-c", PROBE, str(bundle / "app.py")], cwd=bundle, env=env,
-                         capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        zerogpu.ZEROGPU_ENV: "true",
+        "PYTHONPATH": str(fakes),
+        "HF_HUB_OFFLINE": "1",
+        "SPECCHAT_MODEL_TARGET": EMBEDDED,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        # No CUDA emulation on a CPU build of torch (the real `spaces` provides it on ZeroGPU), so the CPU;
+        # without the CPU kernels, whose load times a step: on ZeroGPU the graph decoder runs, as here.
+        "SPECCHAT_MODEL_DEVICE": "cpu",
+        "SPECCHAT_DISABLE_KERNELS": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, str(bundle / "app.py")],
+        cwd=bundle,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     line = next((x for x in run.stdout.splitlines() if x.startswith("PROBE ")), None)
     assert run.returncode == 0 and line, run.stdout[-2000:] + run.stderr[-4000:]
-    return json.loads(line[len("PROBE "):])
+    return json.loads(line[len("PROBE ") :])
 
 
 @pytest.mark.slow
@@ -517,8 +547,11 @@ class Lines:
 def listening(pid: int, port: int) -> set[str]:
     import psutil
 
-    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    return {
+        c.laddr.ip
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
 
 
 def stream_replies(client, message: str, greedy: dict) -> list[tuple[str, dict, int]]:
@@ -529,8 +562,7 @@ def stream_replies(client, message: str, greedy: dict) -> list[tuple[str, dict, 
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     plain = "history" in {p["parameter_name"] for p in endpoints["/chat"]["parameters"]}
     results = []
-    job = client.submit(message=message, chat_state={"messages": []}, api_name="/send" if plain else "/chat",
-                        **greedy)
+    job = client.submit(message=message, chat_state={"messages": []}, api_name="/send" if plain else "/chat", **greedy)
     reply = job.result(timeout=180)[2]["messages"][-1]
     assert reply["role"] == "assistant"
     results.append((reply["content"], reply["stats"], len(job.outputs())))
@@ -548,19 +580,38 @@ def test_the_bundle_starts_as_a_space_and_streams_a_reply_and_a_comparison(bundl
 
     port = 7860 if port_free(7860) else free_port()  # 7860 is what Spaces use; another when it is taken here
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECCHAT_", "GRADIO_", "SPACE"))}
-    env.update({
-        "SYSTEM": "spaces", "SPACE_ID": "user/specchat", "SPACE_AUTHOR_NAME": "user", "SPACE_REPO_NAME": "specchat",
-        "SPACE_TITLE": "SpecChat", "SPACE_HOST": "user-specchat.hf.space", "CPU_CORES": "2", "MEMORY": "16Gi",
-        "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", "SPECCHAT_MODEL_TARGET": EMBEDDED,
-        "SPECCHAT_MODEL_DEVICE": "cpu",
-    })
+    env.update(
+        {
+            "SYSTEM": "spaces",
+            "SPACE_ID": "user/specchat",
+            "SPACE_AUTHOR_NAME": "user",
+            "SPACE_REPO_NAME": "specchat",
+            "SPACE_TITLE": "SpecChat",
+            "SPACE_HOST": "user-specchat.hf.space",
+            "CPU_CORES": "2",
+            "MEMORY": "16Gi",
+            "GRADIO_SERVER_NAME": "0.0.0.0",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONUNBUFFERED": "1",
+            "SPECCHAT_MODEL_TARGET": EMBEDDED,
+            "SPECCHAT_MODEL_DEVICE": "cpu",
+        }
+    )
     env.pop("PYTHONPATH", None)
     if port != 7860:
         env["GRADIO_SERVER_PORT"] = str(port)
     assert subprocess.run([sys.executable, "-c", "import spaces"], env=env).returncode == 0, "pip install spaces"
-    child = subprocess.Popen([sys.executable, "app.py"], cwd=bundle, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "app.py"],
+        cwd=bundle,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     log = Lines(child.stdout)
     client = None
     try:
@@ -572,8 +623,9 @@ def test_the_bundle_starts_as_a_space_and_streams_a_reply_and_a_comparison(bundl
         for text, record, updates in stream_replies(client, "Name three primary colors.", greedy):
             assert text.strip() and updates >= 3, (text, updates)
             assert record["mode"] == "speculative" and record["new_tokens"] > 0
-        standard, speculative, table, verdict = client.predict(prompt="Name three primary colors.",
-                                                               api_name="/compare", **greedy)
+        standard, speculative, table, verdict = client.predict(
+            prompt="Name three primary colors.", api_name="/compare", **greedy
+        )
         assert standard.strip() and standard == speculative, (standard, speculative)
         assert "Identical" in verdict and {row[0] for row in table["data"]} == {"standard", "speculative"}
     finally:

@@ -50,8 +50,20 @@ def test_best_k(a, c, k_max, expected):
 
 
 def test_turn_record_is_plain_json_with_derived_rates():
-    stats = TurnStats(mode="speculative", k=4, rounds=5, drafted=20, accepted=15, rejected=3, new_tokens=20,
-                      wall_s=0.5, target_forwards=5, target_s=0.2, draft_forwards=20, draft_s=0.1)
+    stats = TurnStats(
+        mode="speculative",
+        k=4,
+        rounds=5,
+        drafted=20,
+        accepted=15,
+        rejected=3,
+        new_tokens=20,
+        wall_s=0.5,
+        target_forwards=5,
+        target_s=0.2,
+        draft_forwards=20,
+        draft_s=0.1,
+    )
     record = stats.to_dict()
     assert record["acceptance_rate"] == pytest.approx(15 / 18)
     assert record["tokens_per_s"] == pytest.approx(40.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from fake_engine import DRAFT_STEP_S, PREFILL_S, VERIFY_STEP_S, FakeService, FakeTurn, fake_loader
 from gradio_client import Client
 
 from chatapp import ui
@@ -26,7 +27,6 @@ from chatapp.ui.handle import ServiceHandle
 from chatapp.ui.handlers import LOAD_OUTPUTS, Handlers
 from chatapp.ui.picker import DRAFT_OTHER
 from chatapp.ui.sidebar import SIDEBAR_FIELDS, decoding_endpoint
-from fake_engine import DRAFT_STEP_S, PREFILL_S, VERIFY_STEP_S, FakeService, FakeTurn, fake_loader
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -101,8 +101,10 @@ def test_streams_a_reply_with_stats_that_match_the_engine(client, fake):
     # The speedup is priced by standard steps timed inside the reply (the fake times one, as the engine does).
     assert s.speedup == pytest.approx((s.prefill_s + s.new_tokens * s.reference_step_s) / s.wall_s)
     standard_rate = s.new_tokens / s.standard_estimate_s
-    assert (f"**{s.speedup:.2f}×** vs standard decoding timed within this reply ({standard_rate:.1f} tok/s, "
-            "from 1 one-token target step)") in line
+    assert (
+        f"**{s.speedup:.2f}×** vs standard decoding timed within this reply ({standard_rate:.1f} tok/s, "
+        "from 1 one-token target step)"
+    ) in line
     # Time to first token: the fake's prefill plus its first round, in the line and while streaming.
     assert s.first_token_s == pytest.approx(PREFILL_S + 4 * DRAFT_STEP_S + VERIFY_STEP_S)
     assert f"first token {s.first_token_s:.2f} s" in line
@@ -142,8 +144,9 @@ def test_stats_tab_plots_the_conversation(client, fake):
     c = fake.tracker.cost_ratio
     assert len(theory) == 51 and all(s == pytest.approx(expected_speedup(a, 4, c)) for a, s, _ in theory)
     measured = [row for row in theory_plot["data"] if row[2] == "measured replies, K=4"]
-    assert measured == [[pytest.approx(records[0]["acceptance_rate"]), pytest.approx(records[0]["speedup"]),
-                         "measured replies, K=4"]]
+    assert measured == [
+        [pytest.approx(records[0]["acceptance_rate"]), pytest.approx(records[0]["speedup"]), "measured replies, K=4"]
+    ]
     assert [row[1] for row in stats["turns_table"]["data"]] == ["speculative", "standard"]
     assert f"c = {fake.tracker.cost_ratio:.3f}" in stats["summary"]
     # Then the captions, which name every series drawn (the browser redraws a legend when they change).
@@ -268,15 +271,51 @@ def test_restore_reads_records_saved_by_the_previous_version(client):
     """The previous version stored its own record: k_choice a string ("fixed", "auto (...)", "" for a
     standard reply), k None for standard replies, a speedup over the load-time baseline and no
     standard_estimate_s or baseline_ratio. A browser may still hold such a chat."""
-    common = dict(new_tokens=40, rounds=12, drafted=48, source_counts={"draft": 30}, baseline_tokens_per_s=30.0,
-                  baseline_source="median of 1 standard-decoding run(s)", draft_prefill="", stop_reason="eos",
-                  wall_s=0.9, prefill_s=0.01, notice=None)
-    spec = dict(common, mode="speculative", k=6, k_choice="auto (a=0.91, c=0.30)", accepted=30, acceptance_rate=0.91,
-                mean_accepted_per_round=2.5, tokens_per_s=45.0, speedup=1.5, int8_path="int8 (old)")
-    std = dict(common, mode="standard", k=None, k_choice="", accepted=0, acceptance_rate=None,
-               mean_accepted_per_round=None, tokens_per_s=29.4, speedup=0.98, int8_path="")
-    old = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "stats": spec},
-                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "stats": std}]}
+    common = dict(
+        new_tokens=40,
+        rounds=12,
+        drafted=48,
+        source_counts={"draft": 30},
+        baseline_tokens_per_s=30.0,
+        baseline_source="median of 1 standard-decoding run(s)",
+        draft_prefill="",
+        stop_reason="eos",
+        wall_s=0.9,
+        prefill_s=0.01,
+        notice=None,
+    )
+    spec = dict(
+        common,
+        mode="speculative",
+        k=6,
+        k_choice="auto (a=0.91, c=0.30)",
+        accepted=30,
+        acceptance_rate=0.91,
+        mean_accepted_per_round=2.5,
+        tokens_per_s=45.0,
+        speedup=1.5,
+        int8_path="int8 (old)",
+    )
+    std = dict(
+        common,
+        mode="standard",
+        k=None,
+        k_choice="",
+        accepted=0,
+        acceptance_rate=None,
+        mean_accepted_per_round=None,
+        tokens_per_s=29.4,
+        speedup=0.98,
+        int8_path="",
+    )
+    old = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b", "stats": spec},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d", "stats": std},
+        ]
+    }
     restored = dict(zip(ui.CHAT_OUTPUTS, client.predict(chat_state=old, api_name="/restore")))
     assert texts(restored["chatbot"])[:2] == ["a", "b"] and "⚠" not in restored["notice"]
     spec_line = texts(restored["chatbot"])[2]
@@ -284,7 +323,8 @@ def test_restore_reads_records_saved_by_the_previous_version(client):
     assert "**1.50×** vs standard decoding (30.0 tok/s)" in spec_line
     assert "**standard** (target only)" in restored["stats"] and "**0.98×** vs standard decoding" in restored["stats"]
     assert [row[1:4] for row in restored["turns_table"]["data"]] == [
-        ["speculative", "6", "auto (a=0.91, c=0.30)"], ["standard", "—", "—"]
+        ["speculative", "6", "auto (a=0.91, c=0.30)"],
+        ["standard", "—", "—"],
     ]
 
 
@@ -382,11 +422,28 @@ def test_bad_settings_are_one_line_errors():
         ui.decoding_settings(SETTINGS, dict(mode="speculative", k=4, top_p=0.0))
     with pytest.raises(SettingsError, match=r"settings sidebar: decoding\.seed = 'x' is not a number"):
         ui.decoding_settings(SETTINGS, dict(seed="x"))
-    values = dict(mode="standard", k=7.0, auto_k=True, temperature=0.5, top_p=0.9, top_k=40.0, max_new_tokens=12.0,
-                  seed=3.0, system_prompt="sys")
+    values = dict(
+        mode="standard",
+        k=7.0,
+        auto_k=True,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=40.0,
+        max_new_tokens=12.0,
+        seed=3.0,
+        system_prompt="sys",
+    )
     d = ui.decoding_settings(SETTINGS, values)
     assert (d.mode, d.k, d.auto_k, d.temperature, d.top_p, d.top_k, d.max_new_tokens, d.seed, d.system_prompt) == (
-        "standard", 7, True, 0.5, 0.9, 40, 12, 3, "sys",
+        "standard",
+        7,
+        True,
+        0.5,
+        0.9,
+        40,
+        12,
+        3,
+        "sys",
     )
     assert type(d.k) is int and type(d.seed) is int
     assert ui.decoding_settings(SETTINGS, dict(seed=2**64 - 1)).seed == 2**64 - 1  # exact: no float on the way
@@ -416,9 +473,14 @@ def test_api_endpoints_keep_their_names_and_parameters(served):
     sidebar = ["system_prompt", "mode", "k", "auto_k", "temperature", "top_p", "top_k", "max_new_tokens", "seed"]
     expected = {
         "/chat": ["message", "history", "settings"],  # for other programs: no browser state (tests/test_api.py)
-        "/send": ["message", "chat_state", *sidebar], "/regenerate": ["chat_state", *sidebar],
-        "/compare": ["prompt", *(name for name in sidebar if name != "mode")], "/stats": ["chat_state", "k"],
-        "/restore": ["chat_state"], "/clear": [], "/stop": [], "/model_info": [],
+        "/send": ["message", "chat_state", *sidebar],
+        "/regenerate": ["chat_state", *sidebar],
+        "/compare": ["prompt", *(name for name in sidebar if name != "mode")],
+        "/stats": ["chat_state", "k"],
+        "/restore": ["chat_state"],
+        "/clear": [],
+        "/stop": [],
+        "/model_info": [],
     }
     assert {name: [p["parameter_name"] for p in e["parameters"]] for name, e in api.items()} == expected
     assert [len(api[name]["returns"]) for name in ("/send", "/stats", "/compare", "/chat")] == [8, 4, 4, 2]
@@ -433,8 +495,14 @@ def test_stats_line_is_one_function_for_the_ui_and_the_terminal():
     markdown, plain = stats_line(record), stats_line(record, markdown=False)
     assert "**" in markdown and "⚡" in markdown and "*" not in plain and "⚡" not in plain
     assert plain.splitlines()[0] == markdown.split("\n\n")[0].replace("**", "").removeprefix("⚡ ")
-    for part in (f"K = {s.k} (fixed)", f"acceptance {s.acceptance_rate:.1%}", f"{s.tokens_per_s:.1f} tok/s",
-                 f"{s.speedup:.2f}× vs standard decoding", f"{s.new_tokens} tokens in {s.wall_s:.2f} s", "stop: eos"):
+    for part in (
+        f"K = {s.k} (fixed)",
+        f"acceptance {s.acceptance_rate:.1%}",
+        f"{s.tokens_per_s:.1f} tok/s",
+        f"{s.speedup:.2f}× vs standard decoding",
+        f"{s.new_tokens} tokens in {s.wall_s:.2f} s",
+        "stop: eos",
+    ):
         assert part in plain, (part, plain)
     assert stats_title(record).startswith(f"⚡ speculative · K={s.k} fixed")
 
@@ -474,8 +542,17 @@ def test_compare_runs_both_fairly_and_alternates_the_order(client, fake):
 
 def test_model_info(client):
     text = client.predict(api_name="/model_info")
-    for expected in ("FakeLM-135M", "int8 weight-only per-channel (fake)", "538.1 MB", "162.0 MB", "134.5 M",
-                     "float32", "fake (scripted)", "compatible: the draft is a quantized copy", "Load time:** 0.2 s"):
+    for expected in (
+        "FakeLM-135M",
+        "int8 weight-only per-channel (fake)",
+        "538.1 MB",
+        "162.0 MB",
+        "134.5 M",
+        "float32",
+        "fake (scripted)",
+        "compatible: the draft is a quantized copy",
+        "Load time:** 0.2 s",
+    ):
         assert expected in text
 
 
@@ -633,14 +710,18 @@ def test_the_model_tab_loads_local_model_folders(tmp_path):
     target = save_folder(tmp_path / "tiny-target", tiny_llama(len(tok)), tok)
     draft = save_folder(tmp_path / "tiny-draft", tiny_llama(len(tok), seed=1), tok)
     stranger = save_folder(tmp_path / "other-vocab", tiny_llama(len(other)), other)
-    settings = replace(SETTINGS, model=replace(SETTINGS.model, device="cpu", max_context=256),
-                       decoding=replace(SETTINGS.decoding, max_new_tokens=12))
+    settings = replace(
+        SETTINGS,
+        model=replace(SETTINGS.model, device="cpu", max_context=256),
+        decoding=replace(SETTINGS.decoding, max_new_tokens=12),
+    )
     first = FakeService()
     demo, client = launch_with_loader(first, None, settings)  # None: the app's own loader
     try:
         # The first load of the CPU kernels builds them (minutes on a busy 2-core machine).
-        final, _ = load(client, "(custom)", str(target), "another model (same tokenizer)", str(draft), "auto",
-                        timeout=900)
+        final, _ = load(
+            client, "(custom)", str(target), "another model (same tokenizer)", str(draft), "auto", timeout=900
+        )
         assert final["load_status"].startswith("✔ **Now serving:** Target **tiny-target**"), final["load_status"]
         assert "vocabulary check: compatible" in final["load_status"]
         service = demo.specchat_handle.service
@@ -714,8 +795,12 @@ def byte_level_tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|im_end|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(["You said: hello there. Speculative decoding is fast."] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")  # id 0: the end of turn
 
@@ -746,8 +831,11 @@ def test_the_token_view_shows_a_character_split_over_tokens_once(tokenizer_name)
     # Each group is shown once, colored by the source of its last token (the one that completed it).
     consumed = 0
     for piece, source in view:
-        group = next(n for n in range(1, len(tokens) - consumed + 1)
-                     if tokenizer.decode([t.id for t in tokens[consumed:consumed + n]]) == piece)
+        group = next(
+            n
+            for n in range(1, len(tokens) - consumed + 1)
+            if tokenizer.decode([t.id for t in tokens[consumed : consumed + n]]) == piece
+        )
         assert source == tokens[consumed + group - 1].source
         assert group == 1 or "\ufffd" in alone[consumed]  # only split characters are grouped
         consumed += group

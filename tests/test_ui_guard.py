@@ -40,8 +40,9 @@ def outputs(values) -> dict:
 
 
 def send(c, message, state=None, **settings) -> dict:
-    return outputs(c.submit(message=message, chat_state=state or EMPTY, api_name="/send", **settings)
-                   .result(timeout=60))
+    return outputs(
+        c.submit(message=message, chat_state=state or EMPTY, api_name="/send", **settings).result(timeout=60)
+    )
 
 
 def regenerate(c, state, **settings) -> dict:
@@ -111,8 +112,11 @@ class SlowPrompts(FakeService):
         return super().start_turn(history[-1:], decoding, system, fresh=fresh)
 
 
-LONG = [m for i in range(3000) for m in ({"role": "user", "content": f"question {i}"},
-                                         {"role": "assistant", "content": f"answer {i}"})]
+LONG = [
+    m
+    for i in range(3000)
+    for m in ({"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"})
+]
 
 
 def _ask(url: str, api: str, message: str, history: list[dict]) -> list:
@@ -186,10 +190,25 @@ def test_a_request_whose_client_left_while_it_queued_never_runs(fake, app):
 
 MALFORMED = [
     {"mode": "speculative"},  # every other key missing
-    {"mode": "speculative", "k": "four", "speedup": "fast", "tokens_per_s": [1], "acceptance_rate": {"a": 1},
-     "mean_accepted_per_round": "x", "k_choice": {"k": "x"}, "source_counts": {"draft": "many"}},
-    {"mode": "standard", "new_tokens": None, "wall_s": "slow", "k_choice": 7, "notice": 5, "baseline_ratio": "x",
-     "baseline_tokens_per_s": True},
+    {
+        "mode": "speculative",
+        "k": "four",
+        "speedup": "fast",
+        "tokens_per_s": [1],
+        "acceptance_rate": {"a": 1},
+        "mean_accepted_per_round": "x",
+        "k_choice": {"k": "x"},
+        "source_counts": {"draft": "many"},
+    },
+    {
+        "mode": "standard",
+        "new_tokens": None,
+        "wall_s": "slow",
+        "k_choice": 7,
+        "notice": 5,
+        "baseline_ratio": "x",
+        "baseline_tokens_per_s": True,
+    },
     {"mode": "warp"},
     "not a record",
     42,
@@ -197,8 +216,16 @@ MALFORMED = [
 
 
 def _saved_chat() -> dict:
-    return {"messages": [m for i, stats in enumerate(MALFORMED) for m in (
-        {"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}", "stats": stats})]}
+    return {
+        "messages": [
+            m
+            for i, stats in enumerate(MALFORMED)
+            for m in (
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i}", "stats": stats},
+            )
+        ]
+    }
 
 
 def _written(state: dict) -> list[tuple[str, str]]:
@@ -209,8 +236,9 @@ def test_a_saved_chat_with_malformed_records_still_works_and_loses_no_text(c, fa
     saved = _saved_chat()
     restored = outputs(c.predict(chat_state=saved, api_name="/restore"))
     assert "⚠" not in restored["notice"]
-    assert [t for t in texts(restored["chatbot"]) if t.startswith(("question", "answer"))] == \
-        [m["content"] for m in saved["messages"]]
+    assert [t for t in texts(restored["chatbot"]) if t.startswith(("question", "answer"))] == [
+        m["content"] for m in saved["messages"]
+    ]
     assert _written(restored["state"]) == _written(saved)
 
     out = send(c, "one more", saved)
@@ -237,8 +265,9 @@ def test_a_seed_past_2_64_is_refused_up_front_in_one_line(c, fake, capfd, app):
     out = send(c, "seeded", seed=SEED_MAX + 1, temperature=0.7)
     assert out["notice"] == f"⚠ Not sent: settings sidebar: {seed_line}" and out["message"] == "seeded"
     again = regenerate(c, {"messages": [{"role": "user", "content": "x"}]}, seed=2**70)
-    assert "Cannot regenerate: settings sidebar: decoding.seed = 1180591620717411303424 is out of range" in \
-        again["notice"]
+    assert (
+        "Cannot regenerate: settings sidebar: decoding.seed = 1180591620717411303424 is out of range" in again["notice"]
+    )
     *_, verdict = c.predict(prompt="x", seed=SEED_MAX + 1, api_name="/compare")
     assert seed_line in verdict
     assert len(fake.turns) == before
@@ -283,8 +312,12 @@ def test_remote_images_load_where_the_settings_allow_them():
 
 def test_a_nan_k_and_wrong_types_are_one_line_naming_the_field(c, fake, app, capfd):
     url, before = app[1], len(fake.turns)
-    stats = httpx.post(f"{url}gradio_api/run/stats", content='{"data": [{"messages": []}, NaN]}',
-                       headers={"content-type": "application/json"}, timeout=30).json()["data"]
+    stats = httpx.post(
+        f"{url}gradio_api/run/stats",
+        content='{"data": [{"messages": []}, NaN]}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    ).json()["data"]
     assert stats[3] == "⚠ Cannot draw the stats: settings sidebar: decoding.k = nan is not a number"
     sent = raw_call(url, "send", '{"data": ["hi", {"messages": []}, "sys", "speculative", NaN, false, 0, 1, 0, 8, 0]}')
     assert outputs(sent)["notice"] == "⚠ Not sent: settings sidebar: decoding.k = nan is not a number"
@@ -292,7 +325,7 @@ def test_a_nan_k_and_wrong_types_are_one_line_naming_the_field(c, fake, app, cap
         (dict(message="hi", k="abc"), "Not sent: settings sidebar: decoding.k = 'abc' is not a number"),
         (dict(message="hi", temperature="hot"), "decoding.temperature = 'hot' is not a number"),
         (dict(message=123), "Not sent: the message must be text, not a number"),
-        (dict(message="hi", mode="warp"), "decoding.mode = \"warp\" is not one of speculative|standard"),
+        (dict(message="hi", mode="warp"), 'decoding.mode = "warp" is not one of speculative|standard'),
     ]
     for arguments, line in cases:
         out = outputs(c.submit(chat_state=EMPTY, api_name="/send", **arguments).result(timeout=30))
@@ -316,8 +349,11 @@ def test_a_message_or_history_past_the_limits_is_too_large(c, fake):
     many = send(c, "hi", {"messages": [{"role": "user", "content": "a"}] * 10_000})
     assert many["notice"] == "⚠ Not sent: the chat history is too large: 10001 messages, at most 10000"
     long = send(c, "hi", {"messages": [{"role": "user", "content": "a" * 100_000}] * 21})
-    assert re.fullmatch(r"⚠ Not sent: the chat history is too large: 21000\d\d characters with the system prompt, "
-                        r"at most 2000000", long["notice"])
+    assert re.fullmatch(
+        r"⚠ Not sent: the chat history is too large: 21000\d\d characters with the system prompt, "
+        r"at most 2000000",
+        long["notice"],
+    )
     *_, verdict = c.predict(prompt="x" * 100_001, api_name="/compare")
     assert "the prompt is too large: 100001 characters" in verdict
     assert len(fake.turns) == before
@@ -329,8 +365,12 @@ def test_an_upload_or_a_body_past_the_limits_is_refused_as_too_large(app):
     assert upload.status_code == 413 and "exceeded maximum allowed size of 1048576 bytes" in upload.text
     small = httpx.post(f"{url}gradio_api/upload", files={"files": ("small.txt", b"hello")}, timeout=30)
     assert small.status_code == 200
-    body = httpx.post(f"{url}gradio_api/queue/join", content=b"{" + b" " * (17 * 2**20) + b"}",
-                      headers={"content-type": "application/json"}, timeout=60)
+    body = httpx.post(
+        f"{url}gradio_api/queue/join",
+        content=b"{" + b" " * (17 * 2**20) + b"}",
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert body.status_code == 413 and "too large" in body.json()["error"]
 
 
@@ -352,8 +392,10 @@ def test_a_full_queue_tells_the_client_the_server_is_busy():
     with served(service, settings_with(max_queue=2)) as (_, url):
         clients = [client(url) for _ in range(6)]
         try:
-            jobs = [c.submit(message=f"m{i}", chat_state=EMPTY, mode="standard", api_name="/send")
-                    for i, c in enumerate(clients)]
+            jobs = [
+                c.submit(message=f"m{i}", chat_state=EMPTY, mode="standard", api_name="/send")
+                for i, c in enumerate(clients)
+            ]
             results = []
             for job in jobs:
                 try:
@@ -376,8 +418,9 @@ def test_the_stats_tab_c_is_the_ratio_of_the_two_medians_it_shows():
     tracker.record_calibration({1: [0.117] * 20}, [0.115] * 20)  # a slow period, long ago
     tracker.record_calibration({1: [0.020] * tracker.WINDOW}, [0.0051] * tracker.WINDOW)  # this machine now
     text = stats_summary(SimpleNamespace(tracker=tracker, baseline=Baseline()), [])
-    c, draft, step = map(float, re.search(r"\*\*c = ([\d.]+)\*\*: draft step ([\d.]+) ms ÷ target step ([\d.]+) ms",
-                                          text).groups())
+    c, draft, step = map(
+        float, re.search(r"\*\*c = ([\d.]+)\*\*: draft step ([\d.]+) ms ÷ target step ([\d.]+) ms", text).groups()
+    )
     assert c == pytest.approx(draft / step, abs=0.0015) == pytest.approx(0.255, abs=0.0015)
     assert f"medians of the last {tracker.WINDOW} draft steps and {tracker.WINDOW} one-token target steps" in text
 

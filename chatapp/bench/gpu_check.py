@@ -28,9 +28,9 @@ import gc
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -48,16 +48,51 @@ from .options import DEFAULT_OUT, jsonable
 from .summary import theory_a
 
 # No stop token: every reply runs its full length.
-QWEN_COMMON = dict(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768, initializer_range=0.02,
-                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
-QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
-QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
-TINY_TARGET = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
-TINY_DRAFT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, vocab_size=240, tie_word_embeddings=True)
+QWEN_COMMON = dict(
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+    initializer_range=0.02,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+QWEN_7B = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    tie_word_embeddings=False,
+)
+QWEN_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
+TINY_TARGET = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    tie_word_embeddings=False,
+)
+TINY_DRAFT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=240,
+    tie_word_embeddings=True,
+)
 TARGET_SEED, DRAFT_SEED, PROMPT_SEED = 0, 1, 2
 
 
@@ -77,21 +112,60 @@ class Plan:
     dtype: torch.dtype = torch.bfloat16
 
 
-GPU_PLAN = Plan("Qwen2.5-7B / 0.5B shapes on CUDA", QWEN_7B, QWEN_05B, "cuda", context=1024, prompt_tokens=100,
-                prompts=3, new_tokens=64, ks=(2, 4, 8), reps=50, bandwidth_mib=2048)
-TINY_PLAN = Plan("tiny shapes on the CPU (--tiny: tests the code, not a GPU)", TINY_TARGET, TINY_DRAFT, "cpu",
-                 context=128, prompt_tokens=24, prompts=2, new_tokens=12, ks=(2, 4, 8), reps=3, bandwidth_mib=8)
+GPU_PLAN = Plan(
+    "Qwen2.5-7B / 0.5B shapes on CUDA",
+    QWEN_7B,
+    QWEN_05B,
+    "cuda",
+    context=1024,
+    prompt_tokens=100,
+    prompts=3,
+    new_tokens=64,
+    ks=(2, 4, 8),
+    reps=50,
+    bandwidth_mib=2048,
+)
+TINY_PLAN = Plan(
+    "tiny shapes on the CPU (--tiny: tests the code, not a GPU)",
+    TINY_TARGET,
+    TINY_DRAFT,
+    "cpu",
+    context=128,
+    prompt_tokens=24,
+    prompts=2,
+    new_tokens=12,
+    ks=(2, 4, 8),
+    reps=3,
+    bandwidth_mib=8,
+)
 
 # The issue's goals (targets, not measurements).
-THRESHOLDS = {"step_vs_bound": 1.3, "draft_cost": 0.12, "speculative_vs_standard": 1.8,
-              "speculative_vs_generate": 4.0, "first_reply_s": 60.0, "load_peak_vs_weights": 1.15}
+THRESHOLDS = {
+    "step_vs_bound": 1.3,
+    "draft_cost": 0.12,
+    "speculative_vs_standard": 1.8,
+    "speculative_vs_generate": 4.0,
+    "first_reply_s": 60.0,
+    "load_peak_vs_weights": 1.15,
+}
 ASSUMED_RATES = (0.6, 0.7, 0.8, 0.9)
 GOAL_RATE = 0.8  # the assumed acceptance at which the pair's speedup goals are projected (stated in the report)
 BUDGET_S = 480.0  # the whole check on an H200, from start to the files
 VERIFY_TOKENS = tuple(range(2, 10))  # K + 1 for K = 1..8
 CPU_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "benchmark" / "results.json"
-SECTIONS = ("plan", "machine", "load", "first_reply", "costs", "greedy_equality", "throughput", "self_draft",
-            "projection", "goals", "timing")
+SECTIONS = (
+    "plan",
+    "machine",
+    "load",
+    "first_reply",
+    "costs",
+    "greedy_equality",
+    "throughput",
+    "self_draft",
+    "projection",
+    "goals",
+    "timing",
+)
 
 
 class NoCudaError(ValueError):
@@ -106,8 +180,10 @@ def run_gpu_check(args) -> int:
     result = gpu_check(tiny=bool(getattr(args, "tiny", False)), out=out, progress=progress_to_stderr("gpu-check"))
     for goal in result["goals"]:
         print(f"- goal {goal['goal']} ({goal['title']}): {goal['status']}")
-    print(f"greedy equality: {result['greedy_equality']['result']}; wrote {out / 'gpu-check.json'}, "
-          f"{out / 'gpu-check.md'}")
+    print(
+        f"greedy equality: {result['greedy_equality']['result']}; wrote {out / 'gpu-check.json'}, "
+        f"{out / 'gpu-check.md'}"
+    )
     return 0
 
 
@@ -116,8 +192,10 @@ def gpu_check(*, tiny: bool, out: Path, progress: Callable[[str], None], cpu_res
     cpu_results: the CPU bench's results.json (default CPU_RESULTS)."""
     plan = TINY_PLAN if tiny else GPU_PLAN
     if not tiny and not torch.cuda.is_available():
-        raise NoCudaError(f"--gpu-check needs a CUDA GPU and torch {torch.__version__} sees none "
-                          "(add --tiny to run the same check on the CPU with tiny shapes)")
+        raise NoCudaError(
+            f"--gpu-check needs a CUDA GPU and torch {torch.__version__} sees none "
+            "(add --tiny to run the same check on the CPU with tiny shapes)"
+        )
     started = time.perf_counter()
     hf_logging.set_verbosity_error()  # generate()'s notices would bury the progress lines
     device = torch.device(plan.device)
@@ -126,9 +204,11 @@ def gpu_check(*, tiny: bool, out: Path, progress: Callable[[str], None], cpu_res
     prompts = random_prompts(plan, min(target.vocab_size, draft.vocab_size))
     progress("the first reply (speculative, K=4)")
     first = decode(target, draft, prompts[0], 4, plan.new_tokens)
-    result["first_reply"] = {"seconds_from_start": time.perf_counter() - started, "tokens": len(first["tokens"]),
-                             "note": "random weights built on the device: reading a checkpoint from disk is not "
-                                     "included"}
+    result["first_reply"] = {
+        "seconds_from_start": time.perf_counter() - started,
+        "tokens": len(first["tokens"]),
+        "note": "random weights built on the device: reading a checkpoint from disk is not included",
+    }
     progress("step costs and bandwidth")
     result["costs"] = measure_costs(target, draft, prompts[0], plan, device)
     progress(f"decoding {len(prompts)} prompts: standard and speculative K={plan.ks}")
@@ -191,11 +271,20 @@ def load_pair(plan: Plan, device: torch.device, progress) -> tuple[GraphLlamaLM,
         compile_s[name] = lm.prepare(progress)
     weights = target.info.weight_bytes + draft.info.weight_bytes
     peak = peak_cuda_bytes(device)
-    return target, draft, {
-        "build_s": build_s, "compile_s": compile_s, "load_s": time.perf_counter() - start,
-        "target": dict(vars(target.info)), "draft": dict(vars(draft.info)), "pair_weight_bytes": weights,
-        "peak_bytes": peak, "peak_vs_weights": peak / weights if peak else None,
-    }
+    return (
+        target,
+        draft,
+        {
+            "build_s": build_s,
+            "compile_s": compile_s,
+            "load_s": time.perf_counter() - start,
+            "target": dict(vars(target.info)),
+            "draft": dict(vars(draft.info)),
+            "pair_weight_bytes": weights,
+            "peak_bytes": peak,
+            "peak_vs_weights": peak / weights if peak else None,
+        },
+    )
 
 
 def random_prompts(plan: Plan, vocab: int) -> list[list[int]]:
@@ -259,12 +348,21 @@ def measure_costs(target, draft, prompt: list[int], plan: Plan, device: torch.de
     weight_bytes = target.step_weight_bytes()
     bound = weight_bytes / (bandwidth["bandwidth_gb_s"] * 1e9)
     return {
-        "bandwidth": bandwidth, "context_tokens": n, "reps": plan.reps,
-        "target_step_s": step, "target_step_weight_bytes": weight_bytes, "weight_bound_s": bound,
-        "step_vs_bound": step / bound, "draft_step_s": draft_step, "c": draft_step / step,
+        "bandwidth": bandwidth,
+        "context_tokens": n,
+        "reps": plan.reps,
+        "target_step_s": step,
+        "target_step_weight_bytes": weight_bytes,
+        "weight_bound_s": bound,
+        "step_vs_bound": step / bound,
+        "draft_step_s": draft_step,
+        "c": draft_step / step,
         "draft_step_weight_bytes": draft.step_weight_bytes(),
-        "verify_s": verify, "verify_in_steps": {m: s / step for m, s in verify.items()},
-        "prefill_tokens": n, "target_prefill_s": target_prefill, "draft_prefill_s": draft_prefill,
+        "verify_s": verify,
+        "verify_in_steps": {m: s / step for m, s in verify.items()},
+        "prefill_tokens": n,
+        "target_prefill_s": target_prefill,
+        "draft_prefill_s": draft_prefill,
     }
 
 
@@ -273,12 +371,24 @@ def measure_costs(target, draft, prompt: list[int], plan: Plan, device: torch.de
 
 def decode(target, draft, prompt: list[int], k: int, new_tokens: int) -> dict:
     """One reply from fresh caches: standard decoding when k == 0, else speculative with K = k."""
-    generation = Generation(target, draft if k else None, prompt, mode="speculative" if k else "standard",
-                            k=k or 1, max_new_tokens=new_tokens, record_baseline=False)
+    generation = Generation(
+        target,
+        draft if k else None,
+        prompt,
+        mode="speculative" if k else "standard",
+        k=k or 1,
+        max_new_tokens=new_tokens,
+        record_baseline=False,
+    )
     generation.run()
     s = generation.stats
-    return {"tokens": generation.token_ids, "tokens_per_s": s.tokens_per_s, "wall_s": s.wall_s,
-            "accepted": s.accepted, "rejected": s.rejected}
+    return {
+        "tokens": generation.token_ids,
+        "tokens_per_s": s.tokens_per_s,
+        "wall_s": s.wall_s,
+        "accepted": s.accepted,
+        "rejected": s.rejected,
+    }
 
 
 def decode_configs(target, draft, prompts, ks, new_tokens: int) -> dict[int, list[dict]]:
@@ -322,10 +432,22 @@ def greedy_equality(standard: list[dict], drafts: dict[str, dict[int, list[dict]
                 compared += 1
                 at = first_difference(std["tokens"], spec["tokens"])
                 if at is not None:
-                    differences.append({"draft": name, "k": k, "prompt": prompt, "position": at,
-                                        "standard": std["tokens"][at:at + 1], "speculative": spec["tokens"][at:at + 1]})
-    return {"result": "differs" if differences else "identical", "replies_compared": compared,
-            "first_difference": differences[0] if differences else None, "differences": len(differences)}
+                    differences.append(
+                        {
+                            "draft": name,
+                            "k": k,
+                            "prompt": prompt,
+                            "position": at,
+                            "standard": std["tokens"][at : at + 1],
+                            "speculative": spec["tokens"][at : at + 1],
+                        }
+                    )
+    return {
+        "result": "differs" if differences else "identical",
+        "replies_compared": compared,
+        "first_difference": differences[0] if differences else None,
+        "differences": len(differences),
+    }
 
 
 def hf_generate_runs(plan: Plan, device, target: GraphLlamaLM, prompts) -> tuple[list[dict], bool]:
@@ -334,7 +456,8 @@ def hf_generate_runs(plan: Plan, device, target: GraphLlamaLM, prompts) -> tuple
     The HF model dies on return."""
     hf = build_hf(plan.target, device, plan.dtype, TARGET_SEED)
     same = torch.equal(hf.model.embed_tokens.weight, target.model.embed.weight) and torch.equal(
-        hf.model.layers[-1].mlp.down_proj.weight, target.model.blocks[-1].down.weight)
+        hf.model.layers[-1].mlp.down_proj.weight, target.model.blocks[-1].down.weight
+    )
     generate_reply(hf, prompts[0], max(2, plan.new_tokens // 4), device)
     return [generate_reply(hf, p, plan.new_tokens, device) for p in prompts], same
 
@@ -343,10 +466,11 @@ def generate_reply(hf, prompt: list[int], new_tokens: int, device: torch.device)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     start = clock(device)
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=0)
+        out = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
     wall = clock(device) - start
-    tokens = out[0, len(prompt):].tolist()
+    tokens = out[0, len(prompt) :].tolist()
     return {"tokens": tokens, "tokens_per_s": len(tokens) / wall}
 
 
@@ -361,25 +485,36 @@ def self_draft(target: GraphLlamaLM, prompts, plan: Plan, device, progress) -> t
     draft_step = timed(lambda: copy.forward(ids[:1], len(ids), cache), plan.reps, device)
     runs = decode_configs(target, copy, prompts, (0, *plan.ks), plan.new_tokens)
     standard = median_tps(runs.pop(0))
-    per_k = {k: {"tokens_per_s": median_tps(r), "a": pooled_acceptance(r), "vs_standard": median_tps(r) / standard}
-             for k, r in runs.items()}
+    per_k = {
+        k: {"tokens_per_s": median_tps(r), "a": pooled_acceptance(r), "vs_standard": median_tps(r) / standard}
+        for k, r in runs.items()
+    }
     best = max(per_k, key=lambda k: per_k[k]["tokens_per_s"])
-    return {"compile_s": compile_s, "draft_step_s": draft_step, "standard_tokens_per_s": standard,
-            "per_k": per_k, "best_k": best, "best_tokens_per_s": per_k[best]["tokens_per_s"],
-            "best_vs_standard": per_k[best]["vs_standard"]}, runs
+    return {
+        "compile_s": compile_s,
+        "draft_step_s": draft_step,
+        "standard_tokens_per_s": standard,
+        "per_k": per_k,
+        "best_k": best,
+        "best_tokens_per_s": per_k[best]["tokens_per_s"],
+        "best_vs_standard": per_k[best]["vs_standard"],
+    }, runs
 
 
 def throughput(standard, pair_runs, generate_runs, same_weights: bool) -> dict:
     """Median tokens/s of generate(), our standard and our speculative (7B/0.5B, a meaningless here)."""
     return {
-        "hf_generate_tokens_per_s": median_tps(generate_runs), "standard_tokens_per_s": median_tps(standard),
+        "hf_generate_tokens_per_s": median_tps(generate_runs),
+        "standard_tokens_per_s": median_tps(standard),
         "standard_vs_generate": median_tps(standard) / median_tps(generate_runs),
-        "speculative_pair": {k: {"tokens_per_s": median_tps(r), "a": pooled_acceptance(r)} for k, r in
-                             pair_runs.items()},
+        "speculative_pair": {
+            k: {"tokens_per_s": median_tps(r), "a": pooled_acceptance(r)} for k, r in pair_runs.items()
+        },
         "hf_model_same_weights": same_weights,
         # A cross-check that our decoder computes the HF model: bf16 near-ties may part them late, not early.
-        "generate_vs_standard_leading_equal_tokens": [leading_equal(g["tokens"], s["tokens"])
-                                                      for g, s in zip(generate_runs, standard)],
+        "generate_vs_standard_leading_equal_tokens": [
+            leading_equal(g["tokens"], s["tokens"]) for g, s in zip(generate_runs, standard)
+        ],
     }
 
 
@@ -417,11 +552,23 @@ def projection(costs: dict, tput: dict, cpu: dict) -> dict:
     for a, source in rates:
         k, speedup = best_projection(a, costs)
         tps = tput["standard_tokens_per_s"] * speedup
-        rows.append({"a": a, "source": source, "best_k": k, "speedup_vs_standard": speedup,
-                     "tokens_per_s": tps, "vs_generate": tps / tput["hf_generate_tokens_per_s"]})
-    return {"rows": rows, "cpu_acceptance": cpu,
-            "acceptance_needed": {"speculative_vs_standard": acceptance_needed(
-                costs, THRESHOLDS["speculative_vs_standard"])}}
+        rows.append(
+            {
+                "a": a,
+                "source": source,
+                "best_k": k,
+                "speedup_vs_standard": speedup,
+                "tokens_per_s": tps,
+                "vs_generate": tps / tput["hf_generate_tokens_per_s"],
+            }
+        )
+    return {
+        "rows": rows,
+        "cpu_acceptance": cpu,
+        "acceptance_needed": {
+            "speculative_vs_standard": acceptance_needed(costs, THRESHOLDS["speculative_vs_standard"])
+        },
+    }
 
 
 def evaluate_goals(result: dict) -> list[Goal]:
@@ -433,25 +580,53 @@ def evaluate_goals(result: dict) -> list[Goal]:
     measured = f"measured: the 7B with its own INT8 copy, K={me['best_k']}, a={rate(me['per_k'][me['best_k']]['a'])}"
     needed = result["projection"]["acceptance_needed"]["speculative_vs_standard"]
     return [
-        Goal(1, f"7B bf16 target step <= {th['step_vs_bound']:g}x its weight-reading bound",
-             [Check("target step / bound", costs["step_vs_bound"], th["step_vs_bound"], False)]),
-        Goal(2, f"0.5B INT8 draft step <= {th['draft_cost']:g}x the target step",
-             [Check("c = draft step / target step", costs["c"], th["draft_cost"], False)]),
-        Goal(3, f"speculative >= {th['speculative_vs_standard']:g}x our standard decoding at T=0",
-             [Check(measured, me["best_vs_standard"], th["speculative_vs_standard"]),
-              Check(projected, at_goal_rate["speedup_vs_standard"], th["speculative_vs_standard"])],
-             [f"with the measured costs the pair needs a >= {needed}" if needed is not None else
-              "with the measured costs no a below 1 reaches it"]),
-        Goal(4, f"speculative >= {th['speculative_vs_generate']:g}x transformers generate() at T=0",
-             [Check(measured, me["vs_generate"], th["speculative_vs_generate"]),
-              Check(projected, at_goal_rate["vs_generate"], th["speculative_vs_generate"])]),
-        Goal(5, f"first reply within {th['first_reply_s']:g} s of start",
-             [Check("seconds", result["first_reply"]["seconds_from_start"], th["first_reply_s"], False)],
-             [result["first_reply"]["note"]]),
-        Goal(6, f"peak device memory at load <= {th['load_peak_vs_weights']:g}x the pair's weights",
-             [Check("peak / weights", result["load"]["peak_vs_weights"], th["load_peak_vs_weights"], False)]),
-        Goal(7, "greedy speculative output identical to standard decoding",
-             [Check("replies identical", float(result["greedy_equality"]["result"] == "identical"), 1.0)]),
+        Goal(
+            1,
+            f"7B bf16 target step <= {th['step_vs_bound']:g}x its weight-reading bound",
+            [Check("target step / bound", costs["step_vs_bound"], th["step_vs_bound"], False)],
+        ),
+        Goal(
+            2,
+            f"0.5B INT8 draft step <= {th['draft_cost']:g}x the target step",
+            [Check("c = draft step / target step", costs["c"], th["draft_cost"], False)],
+        ),
+        Goal(
+            3,
+            f"speculative >= {th['speculative_vs_standard']:g}x our standard decoding at T=0",
+            [
+                Check(measured, me["best_vs_standard"], th["speculative_vs_standard"]),
+                Check(projected, at_goal_rate["speedup_vs_standard"], th["speculative_vs_standard"]),
+            ],
+            [
+                f"with the measured costs the pair needs a >= {needed}"
+                if needed is not None
+                else "with the measured costs no a below 1 reaches it"
+            ],
+        ),
+        Goal(
+            4,
+            f"speculative >= {th['speculative_vs_generate']:g}x transformers generate() at T=0",
+            [
+                Check(measured, me["vs_generate"], th["speculative_vs_generate"]),
+                Check(projected, at_goal_rate["vs_generate"], th["speculative_vs_generate"]),
+            ],
+        ),
+        Goal(
+            5,
+            f"first reply within {th['first_reply_s']:g} s of start",
+            [Check("seconds", result["first_reply"]["seconds_from_start"], th["first_reply_s"], False)],
+            [result["first_reply"]["note"]],
+        ),
+        Goal(
+            6,
+            f"peak device memory at load <= {th['load_peak_vs_weights']:g}x the pair's weights",
+            [Check("peak / weights", result["load"]["peak_vs_weights"], th["load_peak_vs_weights"], False)],
+        ),
+        Goal(
+            7,
+            "greedy speculative output identical to standard decoding",
+            [Check("replies identical", float(result["greedy_equality"]["result"] == "identical"), 1.0)],
+        ),
     ]
 
 
@@ -481,22 +656,37 @@ def rate(a: float | None) -> str:
 
 def markdown(r: dict) -> str:
     c, load, t, me = r["costs"], r["load"], r["throughput"], r["self_draft"]
-    peak = "n/a (not CUDA)" if load["peak_bytes"] is None else (
-        f"{load['peak_bytes'] / 2**30:.2f} GiB = {load['peak_vs_weights']:.3f}x the pair's weights")
+    peak = (
+        "n/a (not CUDA)"
+        if load["peak_bytes"] is None
+        else (f"{load['peak_bytes'] / 2**30:.2f} GiB = {load['peak_vs_weights']:.3f}x the pair's weights")
+    )
     lines = [
-        f"# GPU check: {r['plan']['name']}", "",
+        f"# GPU check: {r['plan']['name']}",
+        "",
         f"{r['machine'].get('gpu', r['machine']['cpu'])}; torch {r['machine']['torch']}; random weights, "
         f"{r['plan']['prompts']} prompts of random ids, {r['plan']['new_tokens']} new tokens, context capped at "
-        f"{r['plan']['context']}; {r['timing']['total_s']:.0f} s in all.", "", "## Goals", "",
-        *[f"- **{g['status']}** {g['goal']}. {g['title']}: " + "; ".join(Check.from_dict(x).text() for x in g["checks"])
-          + "".join(f" ({e})" for e in g["explanation"]) for g in r["goals"]],
-        "", "## Load", "",
+        f"{r['plan']['context']}; {r['timing']['total_s']:.0f} s in all.",
+        "",
+        "## Goals",
+        "",
+        *[
+            f"- **{g['status']}** {g['goal']}. {g['title']}: "
+            + "; ".join(Check.from_dict(x).text() for x in g["checks"])
+            + "".join(f" ({e})" for e in g["explanation"])
+            for g in r["goals"]
+        ],
+        "",
+        "## Load",
+        "",
         f"- built in {load['build_s']:.1f} s; compiled in {load['compile_s']['target']:.1f} s (target), "
         f"{load['compile_s']['draft']:.1f} s (draft), {me['compile_s']:.1f} s (own INT8 copy)",
         f"- weights: target {load['target']['weight_bytes'] / 2**30:.2f} GiB, draft "
         f"{load['draft']['weight_bytes'] / 2**30:.3f} GiB ({load['draft']['quantization']}); peak at load {peak}",
         f"- first reply ended {r['first_reply']['seconds_from_start']:.1f} s after start ({r['first_reply']['note']})",
-        "", "## Costs", "",
+        "",
+        "## Costs",
+        "",
         f"- bandwidth {c['bandwidth']['bandwidth_gb_s']:.0f} GB/s; target step {ms(c['target_step_s'])}, "
         f"bound {ms(c['weight_bound_s'])} ({c['step_vs_bound']:.2f}x); draft step {ms(c['draft_step_s'])} "
         f"(c = {c['c']:.3f}); own INT8 copy step {ms(me['draft_step_s'])} "
@@ -504,20 +694,36 @@ def markdown(r: dict) -> str:
         f"- prefill of {c['prefill_tokens']} tokens: target {ms(c['target_prefill_s'])}, "
         f"draft {ms(c['draft_prefill_s'])}",
         "- verify, in target steps: " + ", ".join(f"{m} tokens {v:.2f}" for m, v in c["verify_in_steps"].items()),
-        "", "## Decoding (T=0)", "",
+        "",
+        "## Decoding (T=0)",
+        "",
         f"- greedy equality: **{r['greedy_equality']['result']}** over {r['greedy_equality']['replies_compared']} "
-        f"replies" + (f"; first difference {r['greedy_equality']['first_difference']}"
-                      if r["greedy_equality"]["first_difference"] else ""),
+        f"replies"
+        + (
+            f"; first difference {r['greedy_equality']['first_difference']}"
+            if r["greedy_equality"]["first_difference"]
+            else ""
+        ),
         f"- tokens/s: generate() {t['hf_generate_tokens_per_s']:.1f}, standard {t['standard_tokens_per_s']:.1f} "
         f"({t['standard_vs_generate']:.2f}x generate()); 7B/0.5B speculative (random pair, a meaningless): "
         + ", ".join(f"K={k} {v['tokens_per_s']:.1f}" for k, v in t["speculative_pair"].items()),
-        "- 7B with its own INT8 copy: " + ", ".join(
+        "- 7B with its own INT8 copy: "
+        + ", ".join(
             f"K={k} {v['tokens_per_s']:.1f} tok/s (a={rate(v['a'])}, {v['vs_standard']:.2f}x standard)"
-            for k, v in me["per_k"].items()),
-        "", "## Projected speedup of the 7B/0.5B pair (measured costs, best K per a)", "",
-        "| a | source | best K | vs standard | tokens/s | vs generate() |", "|---|---|---|---|---|---|",
-        *[f"| {p['a']:.2f} | {p['source']} | {p['best_k']} | {p['speedup_vs_standard']:.2f}x | {p['tokens_per_s']:.1f} "
-          f"| {p['vs_generate']:.2f}x |" for p in r["projection"]["rows"]],
-        "", f"CPU-measured a: {r['projection']['cpu_acceptance']['source']}.", "",
+            for k, v in me["per_k"].items()
+        ),
+        "",
+        "## Projected speedup of the 7B/0.5B pair (measured costs, best K per a)",
+        "",
+        "| a | source | best K | vs standard | tokens/s | vs generate() |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {p['a']:.2f} | {p['source']} | {p['best_k']} | {p['speedup_vs_standard']:.2f}x | {p['tokens_per_s']:.1f} "
+            f"| {p['vs_generate']:.2f}x |"
+            for p in r["projection"]["rows"]
+        ],
+        "",
+        f"CPU-measured a: {r['projection']['cpu_acceptance']['source']}.",
+        "",
     ]
     return "\n".join(lines)

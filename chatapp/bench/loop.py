@@ -17,8 +17,8 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Callable, Sequence
 
 from ..autok import AcceptanceTracker, calibrate_tracker
 from ..models import ModelPair, Progress

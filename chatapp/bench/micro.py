@@ -14,7 +14,8 @@ continuations (`greedy_sequences`). Every function takes loaded
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 

@@ -10,9 +10,10 @@ models or measurements.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..settings import K_MAX, K_MIN, TEMPERATURE_MAX
 

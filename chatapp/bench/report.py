@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import megabytes
 from .goals import GOALS, Check, ms
@@ -40,6 +40,7 @@ def _fmt_x(value: float | None) -> str:
 def ordered_labels(summary: dict) -> list[str]:
     """Configuration labels by temperature, then mode (as MODES lists them), then K."""
     order = {m: i for i, m in enumerate(MODES)}
+
     def key(label: str) -> tuple:
         entry = summary[label]
         return entry["temperature"], order.get(entry["mode"], 99), entry["k"]

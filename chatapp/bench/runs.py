@@ -14,8 +14,9 @@ the run is standard decoding, recorded with k = 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ..autok import AcceptanceTracker, KChoice
 from ..engine import Generation, clock

@@ -13,7 +13,7 @@ models, no verdicts (goals.py judges).
 from __future__ import annotations
 
 import statistics
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..stats import expected_speedup, expected_tokens_per_round
 from .runs import Config

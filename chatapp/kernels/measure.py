@@ -24,7 +24,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -70,13 +71,20 @@ def _bandwidth_jobs() -> tuple[dict[str, Callable[[], Any]], int]:
 
 
 def measure(
-    hf_model, variants: Sequence[str] | None = None, *, reps: int = 9, context: int = 100, verify: int = 9,
+    hf_model,
+    variants: Sequence[str] | None = None,
+    *,
+    reps: int = 9,
+    context: int = 100,
+    verify: int = 9,
     prefill: int = 100,
 ) -> dict:
     """Medians (seconds) of every candidate's jobs, the bandwidth and the weight bounds."""
     variants = supported_variants() if variants is None else list(variants)
     built = candidates(hf_model, variants)
-    jobs = {(name, job): fn for name, (t, d) in built.items() for job, fn in _jobs(t, d, context, verify, prefill).items()}
+    jobs = {
+        (name, job): fn for name, (t, d) in built.items() for job, fn in _jobs(t, d, context, verify, prefill).items()
+    }
     bandwidth, nbytes = _bandwidth_jobs()
     jobs.update({("bandwidth", job): fn for job, fn in bandwidth.items()})
     for fn in jobs.values():  # warm-up
@@ -91,7 +99,10 @@ def measure(
     gb_s = max(nbytes / medians[("bandwidth", "read")], 2 * nbytes / medians[("bandwidth", "copy")]) / 1e9
     target, draft = next(iter(built.values()))
     return {
-        "reps": reps, "context": context, "verify_tokens": verify, "prefill_tokens": prefill,
+        "reps": reps,
+        "context": context,
+        "verify_tokens": verify,
+        "prefill_tokens": prefill,
         "threads": torch.get_num_threads(),
         "bandwidth_gb_s": gb_s,
         "target_bound_s": target.step_weight_bytes() / (gb_s * 1e9),
@@ -104,7 +115,7 @@ def measure(
             }
             for name, (t, _) in built.items()
         },
-    }  # fmt: skip
+    }
 
 
 def format_table(result: dict) -> str:

@@ -35,10 +35,7 @@ def _hub_error(spec: str, error: Exception) -> ModelLoadError:
     from huggingface_hub import errors
 
     if isinstance(error, errors.GatedRepoError):
-        why = (
-            f"cannot download '{spec}': the repository is gated "
-            "(accept its license on the hub, then `hf auth login`)"
-        )
+        why = f"cannot download '{spec}': the repository is gated (accept its license on the hub, then `hf auth login`)"
     elif isinstance(error, errors.RepositoryNotFoundError):
         why = f"cannot download '{spec}': not found on the Hugging Face hub (misspelled, private or gated?)"
     elif isinstance(error, errors.RevisionNotFoundError):

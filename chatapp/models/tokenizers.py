@@ -71,9 +71,7 @@ def tokenizer_span(tokenizer) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
-def check_vocab_sizes(
-    tokenizer, target_vocab: int, draft_vocab: int | None, target_name: str, draft_name: str
-) -> None:
+def check_vocab_sizes(tokenizer, target_vocab: int, draft_vocab: int | None, target_name: str, draft_name: str) -> None:
     """Raise IncompatibleModelsError unless both models (the target alone when draft_vocab is None)
     have a row for every id the tokenizer produces.
 

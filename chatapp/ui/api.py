@@ -36,11 +36,14 @@ API_OUTPUTS = ("reply", "stats")
 _SCHEMAS = {
     "message": {"type": "string", "description": "the user's message"},
     "history": {
-        "type": "array", "description": "earlier messages, oldest first",
-        "items": {"type": "object", "properties": {"role": {"type": "string", "enum": ["user", "assistant"]},
-                                                   "content": {"type": "string"}}},
+        "type": "array",
+        "description": "earlier messages, oldest first",
+        "items": {
+            "type": "object",
+            "properties": {"role": {"type": "string", "enum": ["user", "assistant"]}, "content": {"type": "string"}},
+        },
     },
-    "settings": {"type": "object", "description": "decoding fields, e.g. {\"k\": 6, \"temperature\": 0.7}"},
+    "settings": {"type": "object", "description": 'decoding fields, e.g. {"k": 6, "temperature": 0.7}'},
     "reply": {"type": "string", "description": "the reply (so far, while it streams)"},
     "stats": {"type": "object", "description": "the reply's stats record (live while it streams)"},
 }
@@ -78,16 +81,19 @@ class PlainChat:
         try:
             messages, decoding = self._request(message, history, settings)
             session = self.handlers.sessions.get(request)
-            self.handlers.desk.put(prompt_key(messages, decoding), prepare(
-                session_key(request), session.stops, lambda: self._build(messages, decoding)))
+            self.handlers.desk.put(
+                prompt_key(messages, decoding),
+                prepare(session_key(request), session.stops, lambda: self._build(messages, decoding)),
+            )
         except ValueError:
             pass
         finally:
             admission.leave()
         return valid
 
-    def reply(self, message: Any, history: Any = None, settings: Any = None,
-              request: gr.Request = None) -> Iterator[tuple[str, dict]]:
+    def reply(
+        self, message: Any, history: Any = None, settings: Any = None, request: gr.Request = None
+    ) -> Iterator[tuple[str, dict]]:
         """Answer `message` after `history`; streams (reply so far, live stats), then (reply, record)."""
         handlers = self.handlers
         session = handlers.sessions.get(request)
@@ -97,7 +103,8 @@ class PlainChat:
             raise _refusal(error) from None
         mine = session_key(request)
         prepared = handlers.desk.take(prompt_key(messages, decoding), mine, session.stops) or prepare(
-            mine, session.stops, lambda: self._build(messages, decoding))
+            mine, session.stops, lambda: self._build(messages, decoding)
+        )
         if prepared.error is not None:
             raise _refusal(prepared.error)
         built = {} if prepared.prompt is None else {"prompt": prepared.prompt}
@@ -132,11 +139,24 @@ def add_chat_api(handlers: Handlers, concurrency: dict[str, Any]) -> PlainChat:
     if blocks is None:
         raise RuntimeError("add_chat_api must be called inside a gr.Blocks")
     chat = PlainChat(handlers)
-    inputs = [Api(None, _SCHEMAS["message"], "message"), Api(None, _SCHEMAS["history"], "history"),
-              Api(None, _SCHEMAS["settings"], "settings")]
+    inputs = [
+        Api(None, _SCHEMAS["message"], "message"),
+        Api(None, _SCHEMAS["history"], "history"),
+        Api(None, _SCHEMAS["settings"], "settings"),
+    ]
     outputs = [Api(None, _SCHEMAS[name], name) for name in API_OUTPUTS]
     blocks.set_event_trigger(
-        [], zerogpu.gpu_reply()(chat.reply), inputs, outputs, preprocess=False, postprocess=False, show_progress="hidden", api_name="chat",
-        api_description=PlainChat.reply.__doc__, validator=chat.prepare, queue=True, **concurrency,
+        [],
+        zerogpu.gpu_reply()(chat.reply),
+        inputs,
+        outputs,
+        preprocess=False,
+        postprocess=False,
+        show_progress="hidden",
+        api_name="chat",
+        api_description=PlainChat.reply.__doc__,
+        validator=chat.prepare,
+        queue=True,
+        **concurrency,
     )
     return chat

@@ -37,7 +37,7 @@ class AuthError(ValueError):
 def _account(text: str, where: str) -> tuple[str, str]:
     user, colon, password = text.strip().partition(":")
     if not colon or not user or not password:
-        raise AuthError(f"{where}: expected \"user:password\" (both non-empty)")
+        raise AuthError(f'{where}: expected "user:password" (both non-empty)')
     return user, password
 
 
@@ -52,7 +52,7 @@ def _read_file(path: Path, where: str) -> list[tuple[str, str]]:
         if line.strip() and not line.lstrip().startswith("#")
     ]
     if not accounts:
-        raise AuthError(f"{where}: {path} holds no \"user:password\" line")
+        raise AuthError(f'{where}: {path} holds no "user:password" line')
     return accounts
 
 

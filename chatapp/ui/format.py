@@ -139,8 +139,14 @@ def _head(record: dict, bold, markdown: bool) -> list[str]:
         ]
     how = choice_text(record)  # auto K may have chosen standard decoding for this reply
     title = ("◎ " if markdown else "") + bold("standard") + f" ({how or 'target only'})"
-    return [title, *([] if how else ["K n/a"]), "acceptance n/a", tps, *_present(first_token_text(record)),
-            _speedup_text(record, bold)]
+    return [
+        title,
+        *([] if how else ["K n/a"]),
+        "acceptance n/a",
+        tps,
+        *_present(first_token_text(record)),
+        _speedup_text(record, bold),
+    ]
 
 
 def _fallback_text(record: dict) -> str:

@@ -79,8 +79,9 @@ class GenerationSlot:
     def _enter(self) -> None:
         with self._count:
             if self.full:
-                raise BusyError(f"the server is busy: {self.waiting} requests already wait for a reply; "
-                                "try again later")
+                raise BusyError(
+                    f"the server is busy: {self.waiting} requests already wait for a reply; try again later"
+                )
             self.waiting += 1
 
     def _leave(self) -> None:
@@ -215,8 +216,12 @@ class ServiceHandle:
         if self._echo:
             print(f"error: {message} (the UI stays up and shows it in the Model tab)", file=sys.stderr, flush=True)
 
-    def reload(self, factory: Callable[[Callable[[str], None]], Any], label: Any = None,
-               swapped: Callable[[], None] = lambda: None) -> Reload | None:
+    def reload(
+        self,
+        factory: Callable[[Callable[[str], None]], Any],
+        label: Any = None,
+        swapped: Callable[[], None] = lambda: None,
+    ) -> Reload | None:
         """Build another service with `factory(progress)` in a thread, the current one serving meanwhile,
         and swap it in once built, then call `swapped()` (to drop what was made for the old service); None
         (nothing started) while the first load or another reload runs."""
@@ -224,13 +229,15 @@ class ServiceHandle:
             if self.status == "loading" or (self.reloading is not None and not self.reloading.done):
                 return None
             job = self.reloading = Reload(label, self._echo)
-        thread = threading.Thread(target=self._swap_in, args=(job, factory, swapped), name="specchat-reload",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=self._swap_in, args=(job, factory, swapped), name="specchat-reload", daemon=True
+        )
         thread.start()
         return job
 
-    def _swap_in(self, job: Reload, factory: Callable[[Callable[[str], None]], Any],
-                 swapped: Callable[[], None]) -> None:
+    def _swap_in(
+        self, job: Reload, factory: Callable[[Callable[[str], None]], Any], swapped: Callable[[], None]
+    ) -> None:
         try:
             service = factory(job.report)
         except MemoryError:

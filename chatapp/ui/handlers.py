@@ -170,8 +170,9 @@ class Handlers:
             return
         yield from self._reply(session, request, messages, decoding, "Not sent: ", clear_box=True, message=text)
 
-    def prepare_chat(self, message: Any, chat_state: Any, decoding: DecodingSettings,
-                     request: gr.Request = None) -> None:
+    def prepare_chat(
+        self, message: Any, chat_state: Any, decoding: DecodingSettings, request: gr.Request = None
+    ) -> None:
         """/send's validator: build the prompt before the request queues (the handler refuses what fails)."""
         try:
             self._prepare(request, _user_messages(message, chat_state), decoding)
@@ -297,10 +298,19 @@ class Handlers:
         """The request's prompt from its validator, or built now (its validator did not run)."""
         mine = session_key(request)
         return self.desk.take(prompt_key(messages, decoding), mine, session.stops) or prepare(
-            mine, session.stops, lambda: self._build(messages, decoding))
+            mine, session.stops, lambda: self._build(messages, decoding)
+        )
 
-    def _reply(self, session: Session, request: Any, messages: list[dict], decoding: DecodingSettings,
-               refused: str, clear_box: bool, **kept: Any) -> Iterator[tuple]:
+    def _reply(
+        self,
+        session: Session,
+        request: Any,
+        messages: list[dict],
+        decoding: DecodingSettings,
+        refused: str,
+        clear_box: bool,
+        **kept: Any,
+    ) -> Iterator[tuple]:
         """Answer `messages`: the prepared prompt, then the slot, then the reply streamed; `refused`
         starts the line of a reply that could not start (`kept` outputs are left as given)."""
         prepared = self._prepared(request, session, messages, decoding)
@@ -352,8 +362,7 @@ class Handlers:
         if session.epoch == epoch:  # not cleared meanwhile
             yield self._stored(messages, turn, error, tokenizer)
 
-    def _rounds(self, session: Session, epoch: int, messages: list[dict], turn: Any, clear_box: bool,
-                tokenizer: Any):
+    def _rounds(self, session: Session, epoch: int, messages: list[dict], turn: Any, clear_box: bool, tokenizer: Any):
         """The live updates of one reply; returns the error that ended it early, if any."""
         pieces, stream = [], self.token_view.stream(tokenizer)
         try:
@@ -361,16 +370,22 @@ class Handlers:
                 if turn.notice:
                     gr.Info(turn.notice)
                 yield self.chat_out(
-                    chatbot=self._render(messages, "", turn.notice), message="" if clear_box else gr.skip(),
-                    stats=live_line(turn.stats), tokens=[], notice=f"ℹ {turn.notice}" if turn.notice else "",
+                    chatbot=self._render(messages, "", turn.notice),
+                    message="" if clear_box else gr.skip(),
+                    stats=live_line(turn.stats),
+                    tokens=[],
+                    notice=f"ℹ {turn.notice}" if turn.notice else "",
                 )
                 for event in events:
                     pieces.extend(stream.push(event.tokens))
                     if session.epoch != epoch:  # cleared meanwhile: end the reply, show nothing more
                         turn.stop()
                         continue
-                    yield self.chat_out(chatbot=self._render(messages, turn.text, turn.notice),
-                                        stats=live_line(turn.stats), tokens=pieces)
+                    yield self.chat_out(
+                        chatbot=self._render(messages, turn.text, turn.notice),
+                        stats=live_line(turn.stats),
+                        tokens=pieces,
+                    )
         except Exception as error:  # the engine failed mid-reply: keep what came, say why
             return error
         return None
@@ -408,8 +423,9 @@ class Handlers:
             yield self.refuse_compare(error, prompt)
             return
         order = MODES if next(self._compares) % 2 == 0 else MODES[::-1]
-        yield self.compare_out(standard="", speculative="", table=None,
-                               verdict=f"Running {order[0]} first, then {order[1]}…")
+        yield self.compare_out(
+            standard="", speculative="", table=None, verdict=f"Running {order[0]} first, then {order[1]}…"
+        )
         turns: dict[str, Any] = {}
         stops = session.stops
         try:
@@ -427,15 +443,23 @@ class Handlers:
     def refuse_compare(self, error: Exception, prompt: str) -> tuple:
         return self.compare_out(verdict=_warn(one_line(error)))
 
-    def _compare_runs(self, service: Any, session: Session, prompt: str, decoding: DecodingSettings,
-                      order: tuple[str, ...], turns: dict[str, Any]):
+    def _compare_runs(
+        self,
+        service: Any,
+        session: Session,
+        prompt: str,
+        decoding: DecodingSettings,
+        order: tuple[str, ...],
+        turns: dict[str, Any],
+    ):
         """Run each decoding in `order` into `turns`, streaming its pane; returns the error that ended the
         comparison early, if any (a Stop ends it too)."""
         conversation = [{"role": "user", "content": prompt}]
         for mode in order:
             try:  # fresh: no keys/values kept from the chat or the other run, so both pay the whole prefill
-                turn = turns[mode] = service.start_turn(conversation, dataclasses.replace(decoding, mode=mode),
-                                                        fresh=True)
+                turn = turns[mode] = service.start_turn(
+                    conversation, dataclasses.replace(decoding, mode=mode), fresh=True
+                )
             except Exception as error:
                 return error
             try:
@@ -477,8 +501,10 @@ class Handlers:
             service = self.handle.service
             c = service.tracker.cost_ratio if service is not None else AcceptanceTracker.PRIOR_COST_RATIO
             theory, colors = theory_frame(replies, c, int(k or self.settings.decoding.k))
-            return (gr.update(caption=reply_caption(reply_frame(replies))),
-                    gr.update(caption=theory_caption(theory, c), color_map=colors))
+            return (
+                gr.update(caption=reply_caption(reply_frame(replies))),
+                gr.update(caption=theory_caption(theory, c), color_map=colors),
+            )
         except Exception:  # the points are drawn already; a caption is not worth an error
             return gr.skip(), gr.skip()
 
@@ -512,8 +538,9 @@ class Handlers:
         """The draft's own model is typed only when the draft is another model."""
         return gr.update(interactive=kind == DRAFT_OTHER)
 
-    def load_model(self, preset: str, target: str, draft_kind: str, draft: str, quantization: str,
-                   request: gr.Request = None) -> Iterator[tuple]:
+    def load_model(
+        self, preset: str, target: str, draft_kind: str, draft: str, quantization: str, request: gr.Request = None
+    ) -> Iterator[tuple]:
         """Load the chosen pair while the current one serves, showing the progress; it replaces the current
         pair once loaded and checked (the vocabulary check included); a failure keeps the current pair."""
         if not self.can_switch:
@@ -525,8 +552,11 @@ class Handlers:
             yield self.load_out(load_status=_warn(f"Not loaded: {one_line(error)}"))
             return
         # Prompts prepared before the swap hold the old tokenizer's ids: the desk drops them once it is done.
-        job = self.handle.reload(lambda progress: self._load(model, progress), label=model,
-                                 swapped=lambda: self.desk.forget(time.monotonic()))
+        job = self.handle.reload(
+            lambda progress: self._load(model, progress),
+            label=model,
+            swapped=lambda: self.desk.forget(time.monotonic()),
+        )
         if job is None:
             yield self.load_out(load_status=_warn("Models are being loaded already: wait for that to end."))
             return
@@ -537,8 +567,11 @@ class Handlers:
                 yield self.load_out(load_status=reload_markdown(job, self.handle))
         if job.error:
             gr.Warning(f"Not loaded: {job.error}")
-        yield self.load_out(load_status=reload_markdown(job, self.handle), model=model_markdown(self.handle),
-                            status=model_status_line(self.handle))
+        yield self.load_out(
+            load_status=reload_markdown(job, self.handle),
+            model=model_markdown(self.handle),
+            status=model_status_line(self.handle),
+        )
 
     def _load(self, model: Any, progress: Callable[[str], None]) -> Any:
         """A service for `model` (on the handle's reload thread); its vocabulary check is shown before the

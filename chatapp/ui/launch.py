@@ -68,9 +68,18 @@ def theme() -> gr.themes.Base:
     )
 
 
-def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-               open_browser: bool = False, prevent_thread_lock: bool = False, quiet: bool = False,
-               auth: list[tuple[str, str]] | None = None, openai_api: bool | None = None):
+def launch_app(
+    demo: gr.Blocks,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    open_browser: bool = False,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+    auth: list[tuple[str, str]] | None = None,
+    openai_api: bool | None = None,
+):
     """Launch with the app's theme and CSS; binds `host` only (127.0.0.1 unless asked). `auth`
     None reads the accounts from the environment or the config folder (chatapp.ui.auth); `openai_api`
     None follows the settings the app was built with."""
@@ -83,9 +92,17 @@ def launch_app(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = N
         openai_api = settings is not None and settings.server.openai_api
     routes = openai_routes(demo.specchat_handle, settings, auth) if openai_api else []
     return demo.launch(
-        server_name=host, server_port=port, share=share, inbrowser=open_browser,
-        prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=False, theme=theme(), css=CSS,
-        auth=auth or None, max_file_size=UPLOAD_BYTES_MAX,
+        server_name=host,
+        server_port=port,
+        share=share,
+        inbrowser=open_browser,
+        prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet,
+        show_error=False,
+        theme=theme(),
+        css=CSS,
+        auth=auth or None,
+        max_file_size=UPLOAD_BYTES_MAX,
         app_kwargs={"routes": routes, "middleware": [Middleware(BodyLimit)]},
     )
 
@@ -115,8 +132,14 @@ def serve(settings: Settings) -> int:
     handle = ServiceHandle(factory=lambda progress: load_service(settings, progress), echo=True).start()
     demo = build_app(handle, settings)
     try:
-        launch_app(demo, host=server.host, port=server.port, share=server.share, open_browser=server.open_browser,
-                   auth=accounts)
+        launch_app(
+            demo,
+            host=server.host,
+            port=server.port,
+            share=server.share,
+            open_browser=server.open_browser,
+            auth=accounts,
+        )
     except KeyboardInterrupt:
         pass
     except OSError as error:  # port taken, host not bindable

@@ -87,8 +87,7 @@ COMPARE_INTRO = (
 )
 
 
-def build_app(service_or_factory: Any, settings: Settings | None = None, *,
-              loader: Loader | None = None) -> gr.Blocks:
+def build_app(service_or_factory: Any, settings: Settings | None = None, *, loader: Loader | None = None) -> gr.Blocks:
     """The Blocks app (see the module docstring)."""
     settings = settings if settings is not None else load_settings()
     handle = ServiceHandle.of(service_or_factory)
@@ -109,14 +108,21 @@ def build_app(service_or_factory: Any, settings: Settings | None = None, *,
         demo.queue(default_concurrency_limit=1, max_size=settings.server.max_queue)
     handle.slot.max_waiting = settings.server.max_queue  # for requests from outside the queue (OpenAI API)
     demo.specchat_handle, demo.specchat_settings = handle, settings  # for tests, launch_app and serve()
+    demo.specchat_handlers = handlers  # for tests
     return demo
 
 
 def _chat_tab() -> dict[str, Any]:
     with gr.Tab("Chat", id="chat"):
         chatbot = gr.Chatbot(
-            label="Chat", show_label=False, height=460, elem_id="chatbot", render_markdown=True,
-            buttons=["copy", "copy_all"], feedback_options=None, editable="user",
+            label="Chat",
+            show_label=False,
+            height=460,
+            elem_id="chatbot",
+            render_markdown=True,
+            buttons=["copy", "copy_all"],
+            feedback_options=None,
+            editable="user",
             placeholder="**Ask anything.** Replies stream round by round; the stats and the "
             "colored token view below show what the draft contributed.",
             examples=[{"text": prompt} for prompt in EXAMPLE_PROMPTS],
@@ -125,7 +131,12 @@ def _chat_tab() -> dict[str, Any]:
         with gr.Row(equal_height=True):
             message = gr.Textbox(
                 placeholder="Type a message and press Enter (Shift+Enter for a new line)",
-                show_label=False, lines=1, max_lines=10, scale=8, elem_id="chat-input", autofocus=True,
+                show_label=False,
+                lines=1,
+                max_lines=10,
+                scale=8,
+                elem_id="chat-input",
+                autofocus=True,
                 max_length=MESSAGE_CHARS_MAX,
             )
             send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="send-btn")
@@ -135,17 +146,33 @@ def _chat_tab() -> dict[str, Any]:
             regenerate = gr.Button("↻ Regenerate", variant="secondary", size="sm", elem_id="regenerate-btn")
             clear = gr.Button("✕ Clear", variant="secondary", size="sm", elem_id="clear-btn")
         stats = gr.Markdown(NO_STATS, elem_id="turn-stats")
-        with gr.Accordion("ℹ How the speedup and the first-token time are measured", open=False,
-                          elem_id="speedup-method"):
+        with gr.Accordion(
+            "ℹ How the speedup and the first-token time are measured", open=False, elem_id="speedup-method"
+        ):
             gr.Markdown(SPEEDUP_METHOD)
         tokens = gr.HighlightedText(
-            value=[], label="Tokens of the last reply, by origin", color_map=SOURCE_COLORS, show_legend=True,
-            show_inline_category=False, combine_adjacent=False, elem_id="token-view",
+            value=[],
+            label="Tokens of the last reply, by origin",
+            color_map=SOURCE_COLORS,
+            show_legend=True,
+            show_inline_category=False,
+            combine_adjacent=False,
+            elem_id="token-view",
         )
         gr.HTML(_token_legend())
         resend = gr.State(0)  # bumped by an edit or an example: sends the input box (see _wire)
-    return dict(chatbot=chatbot, notice=notice, message=message, send=send, stop=stop, regenerate=regenerate,
-                clear=clear, stats=stats, tokens=tokens, resend=resend)
+    return dict(
+        chatbot=chatbot,
+        notice=notice,
+        message=message,
+        send=send,
+        stop=stop,
+        regenerate=regenerate,
+        clear=clear,
+        stats=stats,
+        tokens=tokens,
+        resend=resend,
+    )
 
 
 def _token_legend() -> str:
@@ -163,19 +190,32 @@ def _stats_tab(handle: ServiceHandle) -> dict[str, Any]:
         with gr.Row():
             # Native plots: the browser draws them from the frames (drag over one to zoom, double-click back).
             # No points until the tab is opened (the browser draws a native plot for the series it first sees).
-            turn_plot = gr.LinePlot(None, **REPLY_PLOT, color_map=REPLY_COLORS, elem_id="turn-plot",
-                                    title="Per reply: acceptance rate and speedup",
-                                    x_title="reply in this conversation",
-                                    y_title="rate (fraction) · speedup (×)", tooltip="all",
-                                    buttons=["fullscreen", "export"])
-            theory_plot = gr.ScatterPlot(None, **THEORY_PLOT, elem_id="theory-plot",
-                                         title="Measured speedup vs the theory's",
-                                         x_title="acceptance rate a", y_title="speedup vs standard decoding (×)",
-                                         x_lim=[0, 1], tooltip="all", buttons=["fullscreen", "export"])
-        turns_table = gr.Dataframe(turns_frame([]), label="Replies in this conversation", interactive=False,
-                                   elem_id="turns-table")
-    return dict(stats_tab=tab, summary=summary, turn_plot=turn_plot, theory_plot=theory_plot,
-                turns_table=turns_table)
+            turn_plot = gr.LinePlot(
+                None,
+                **REPLY_PLOT,
+                color_map=REPLY_COLORS,
+                elem_id="turn-plot",
+                title="Per reply: acceptance rate and speedup",
+                x_title="reply in this conversation",
+                y_title="rate (fraction) · speedup (×)",
+                tooltip="all",
+                buttons=["fullscreen", "export"],
+            )
+            theory_plot = gr.ScatterPlot(
+                None,
+                **THEORY_PLOT,
+                elem_id="theory-plot",
+                title="Measured speedup vs the theory's",
+                x_title="acceptance rate a",
+                y_title="speedup vs standard decoding (×)",
+                x_lim=[0, 1],
+                tooltip="all",
+                buttons=["fullscreen", "export"],
+            )
+        turns_table = gr.Dataframe(
+            turns_frame([]), label="Replies in this conversation", interactive=False, elem_id="turns-table"
+        )
+    return dict(stats_tab=tab, summary=summary, turn_plot=turn_plot, theory_plot=theory_plot, turns_table=turns_table)
 
 
 def _compare_pane(title: str, placeholder: str, elem_id: str) -> gr.Markdown:
@@ -188,21 +228,40 @@ def _compare_tab() -> dict[str, Any]:
     with gr.Tab("Compare", id="compare"):
         gr.Markdown(COMPARE_INTRO)
         with gr.Row(equal_height=True):
-            prompt = gr.Textbox(value="Explain speculative decoding in three sentences.", label="Prompt", lines=2,
-                                scale=8, elem_id="compare-prompt", max_length=MESSAGE_CHARS_MAX)
+            prompt = gr.Textbox(
+                value="Explain speculative decoding in three sentences.",
+                label="Prompt",
+                lines=2,
+                scale=8,
+                elem_id="compare-prompt",
+                max_length=MESSAGE_CHARS_MAX,
+            )
             with gr.Column(scale=1, min_width=160):
                 run = gr.Button("▶ Compare", variant="primary", elem_id="compare-btn")
                 stop = gr.Button("■ Stop", variant="stop", size="sm", elem_id="compare-stop-btn")
         with gr.Row():
-            standard = _compare_pane("#### ◎ Standard (target only)", "*The standard reply streams here.*",
-                                     "compare-standard")
-            speculative = _compare_pane("#### ⚡ Speculative (draft + target)",
-                                        "*The speculative reply streams here.*", "compare-speculative")
-        table = gr.Dataframe(pd.DataFrame(columns=COMPARE_COLUMNS), label="Measured in this comparison",
-                             interactive=False, elem_id="compare-table")
+            standard = _compare_pane(
+                "#### ◎ Standard (target only)", "*The standard reply streams here.*", "compare-standard"
+            )
+            speculative = _compare_pane(
+                "#### ⚡ Speculative (draft + target)", "*The speculative reply streams here.*", "compare-speculative"
+            )
+        table = gr.Dataframe(
+            pd.DataFrame(columns=COMPARE_COLUMNS),
+            label="Measured in this comparison",
+            interactive=False,
+            elem_id="compare-table",
+        )
         verdict = gr.Markdown("", elem_id="compare-verdict")
-    return dict(prompt=prompt, compare=run, compare_stop=stop, standard=standard, speculative=speculative,
-                table=table, verdict=verdict)
+    return dict(
+        prompt=prompt,
+        compare=run,
+        compare_stop=stop,
+        standard=standard,
+        speculative=speculative,
+        table=table,
+        verdict=verdict,
+    )
 
 
 def _model_tab(handle: ServiceHandle, settings: Settings) -> dict[str, Any]:
@@ -212,26 +271,59 @@ def _model_tab(handle: ServiceHandle, settings: Settings) -> dict[str, Any]:
     with gr.Tab("Model", id="model"):
         with gr.Accordion("Load another pair", open=True, elem_id="model-picker"):
             gr.Markdown(PICKER_INTRO)
-            preset = gr.Dropdown(preset_choices(settings.presets), value=fields.preset, label="Preset",
-                                 info="a pair from the settings file's [presets]", elem_id="model-preset",
-                                 interactive=on)
-            target = gr.Textbox(fields.target, label="Target (verifies)", elem_id="model-target", interactive=on,
-                                info="a hub id (org/name), a local folder, a .gguf file, or embedded:NAME")
+            preset = gr.Dropdown(
+                preset_choices(settings.presets),
+                value=fields.preset,
+                label="Preset",
+                info="a pair from the settings file's [presets]",
+                elem_id="model-preset",
+                interactive=on,
+            )
+            target = gr.Textbox(
+                fields.target,
+                label="Target (verifies)",
+                elem_id="model-target",
+                interactive=on,
+                info="a hub id (org/name), a local folder, a .gguf file, or embedded:NAME",
+            )
             with gr.Row(equal_height=True):
-                draft_kind = gr.Radio(list(DRAFT_KINDS), value=fields.draft_kind, label="Draft (proposes)",
-                                      elem_id="model-draft-kind", interactive=on, scale=2)
-                quantization = gr.Dropdown(list(QUANTIZATIONS), value=fields.quantization,
-                                           label="Draft quantization", elem_id="model-quantization",
-                                           info="auto = int8 weight-only; bnb-int8 needs CUDA; none = unquantized",
-                                           interactive=on, scale=1)
-            draft = gr.Textbox(fields.draft, label="Draft model", elem_id="model-draft",
-                               info="a hub id, a folder or a .gguf file of the target's family (same tokenizer)",
-                               interactive=on and fields.draft_kind == DRAFT_OTHER)
+                draft_kind = gr.Radio(
+                    list(DRAFT_KINDS),
+                    value=fields.draft_kind,
+                    label="Draft (proposes)",
+                    elem_id="model-draft-kind",
+                    interactive=on,
+                    scale=2,
+                )
+                quantization = gr.Dropdown(
+                    list(QUANTIZATIONS),
+                    value=fields.quantization,
+                    label="Draft quantization",
+                    elem_id="model-quantization",
+                    info="auto = int8 weight-only; bnb-int8 needs CUDA; none = unquantized",
+                    interactive=on,
+                    scale=1,
+                )
+            draft = gr.Textbox(
+                fields.draft,
+                label="Draft model",
+                elem_id="model-draft",
+                info="a hub id, a folder or a .gguf file of the target's family (same tokenizer)",
+                interactive=on and fields.draft_kind == DRAFT_OTHER,
+            )
             load = gr.Button("⟳ Load this pair", variant="primary", elem_id="model-load-btn", interactive=on)
             load_status = gr.Markdown("" if on else PICKER_OFF, elem_id="model-load-status")
         model = gr.Markdown(model_markdown(handle), elem_id="model-info")
-    return dict(preset=preset, target=target, draft_kind=draft_kind, draft=draft, quantization=quantization,
-                load=load, load_status=load_status, model=model)
+    return dict(
+        preset=preset,
+        target=target,
+        draft_kind=draft_kind,
+        draft=draft,
+        quantization=quantization,
+        load=load,
+        load_status=load_status,
+        model=model,
+    )
 
 
 def _pick(page: dict[str, Any], names: tuple[str, ...]) -> list:
@@ -243,8 +335,13 @@ def _stop_while_generating(page: dict[str, Any], h: Handlers) -> Callable[[list]
     asked for, and back by the server when it has ended, however it ended. Call it before the generating
     events are wired (the browser runs a trigger's listeners in order), and what it returns after, with them."""
     buttons = [page["send"], page["stop"]]
-    starts = [page["send"].click, page["message"].submit, page["resend"].change, page["regenerate"].click,
-              page["chatbot"].retry]
+    starts = [
+        page["send"].click,
+        page["message"].submit,
+        page["resend"].change,
+        page["regenerate"].click,
+        page["chatbot"].retry,
+    ]
     gr.on(starts, None, None, buttons, js=BUSY_JS, api_visibility="private", queue=False)
 
     def when_done(generating: list) -> None:
@@ -269,39 +366,59 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
     # An edited user message, or an example clicked on the empty chat, goes to the input box; then the
     # `resend` counter's change sends it as the Send button would.
     # (Queued: a gr.State's change is only signalled through the queue.)
-    page["chatbot"].edit(h.edit, [page["state"], page["chatbot"], page["resend"]], [*chat_out, page["resend"]],
-                         api_visibility="private")
-    page["chatbot"].example_select(h.example, [page["resend"]], [page["message"], page["resend"]],
-                                   api_visibility="private")
+    page["chatbot"].edit(
+        h.edit, [page["state"], page["chatbot"], page["resend"]], [*chat_out, page["resend"]], api_visibility="private"
+    )
+    page["chatbot"].example_select(
+        h.example, [page["resend"]], [page["message"], page["resend"]], api_visibility="private"
+    )
     stop_shown_until = _stop_while_generating(page, h)
     chat = decoding_endpoint(zerogpu.gpu_reply()(h.chat), h.refuse_chat, settings, ("message", "chat_state"))
-    chat_event = gr.on([page["send"].click, page["message"].submit, page["resend"].change], chat,
-                       [page["message"], page["state"], *sidebar.values()], chat_out, api_name="send",
-                       show_progress_on=[page["chatbot"]],
-                       validator=decoding_validator(h.prepare_chat, settings, ("message", "chat_state"),
-                                                    admission=h.admission), **gen)
+    chat_event = gr.on(
+        [page["send"].click, page["message"].submit, page["resend"].change],
+        chat,
+        [page["message"], page["state"], *sidebar.values()],
+        chat_out,
+        api_name="send",
+        show_progress_on=[page["chatbot"]],
+        validator=decoding_validator(h.prepare_chat, settings, ("message", "chat_state"), admission=h.admission),
+        **gen,
+    )
     regenerate = decoding_endpoint(zerogpu.gpu_reply()(h.regenerate), h.refuse_regenerate, settings, ("chat_state",))
-    regenerate_event = gr.on([page["regenerate"].click, page["chatbot"].retry], regenerate,
-                             [page["state"], *sidebar.values()], chat_out, api_name="regenerate",
-                             show_progress_on=[page["chatbot"]],
-                             validator=decoding_validator(h.prepare_regenerate, settings, ("chat_state",),
-                                                          admission=h.admission), **gen)
+    regenerate_event = gr.on(
+        [page["regenerate"].click, page["chatbot"].retry],
+        regenerate,
+        [page["state"], *sidebar.values()],
+        chat_out,
+        api_name="regenerate",
+        show_progress_on=[page["chatbot"]],
+        validator=decoding_validator(h.prepare_regenerate, settings, ("chat_state",), admission=h.admission),
+        **gen,
+    )
     page["stop"].click(h.stop, None, page["notice"], api_name="stop", **quick)
-    page["chatbot"].undo(h.undo, [page["state"]], chat_out, api_name="undo", api_visibility="undocumented",
-                         queue=False)
+    page["chatbot"].undo(h.undo, [page["state"]], chat_out, api_name="undo", api_visibility="undocumented", queue=False)
     stop_shown_until([chat_event, regenerate_event])
     page["compare_stop"].click(h.stop, None, page["verdict"], **hidden)
     page["clear"].click(h.clear, None, chat_out, api_name="clear", **quick)
     page["chatbot"].clear(h.clear, None, chat_out, **hidden)  # the Chatbot's own trash button
-    compare = decoding_endpoint(zerogpu.gpu_reply(runs=2)(h.compare), h.refuse_compare, settings, ("prompt",), compare_fields)
-    gr.on([page["compare"].click, page["prompt"].submit], compare,
-          [page["prompt"], *(sidebar[name] for name in compare_fields)], _pick(page, COMPARE_OUTPUTS),
-          api_name="compare", show_progress_on=[page["standard"], page["speculative"]],
-          validator=decoding_validator(h.prepare_compare, settings, ("prompt",), compare_fields, h.admission), **gen)
+    compare = decoding_endpoint(
+        zerogpu.gpu_reply(runs=2)(h.compare), h.refuse_compare, settings, ("prompt",), compare_fields
+    )
+    gr.on(
+        [page["compare"].click, page["prompt"].submit],
+        compare,
+        [page["prompt"], *(sidebar[name] for name in compare_fields)],
+        _pick(page, COMPARE_OUTPUTS),
+        api_name="compare",
+        show_progress_on=[page["standard"], page["speculative"]],
+        validator=decoding_validator(h.prepare_compare, settings, ("prompt",), compare_fields, h.admission),
+        **gen,
+    )
     demo.load(h.restore, [page["state"]], chat_out, api_name="restore", preprocess=False, **quick)
     plots = [page["turn_plot"], page["theory_plot"]]
-    page["stats_tab"].select(h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", preprocess=False,
-                             **quick).then(h.plot_captions, [page["state"], sidebar["k"]], plots, **hidden)
+    page["stats_tab"].select(
+        h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", preprocess=False, **quick
+    ).then(h.plot_captions, [page["state"], sidebar["k"]], plots, **hidden)
     for plot in plots:  # zoom to the dragged range; double-click: all of it
         plot.select(h.zoom, None, plot, **hidden)
         plot.double_click(h.unzoom, None, plot, **hidden)
@@ -311,8 +428,14 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
     page["preset"].change(h.choose_preset, page["preset"], picker[1:], **hidden)
     page["draft_kind"].change(h.draft_kind_changed, page["draft_kind"], page["draft"], **hidden)
     gr.on([page["target"].input, page["draft"].input], h.typed_pair, None, page["preset"], **hidden)
-    page["load"].click(h.load_model, picker, _pick(page, LOAD_OUTPUTS), api_name="load_model",
-                       api_visibility="undocumented", show_progress="minimal",
-                       concurrency_limit=None)  # one load at a time (the handle's rule): the next is told at once
+    page["load"].click(
+        h.load_model,
+        picker,
+        _pick(page, LOAD_OUTPUTS),
+        api_name="load_model",
+        api_visibility="undocumented",
+        show_progress="minimal",
+        concurrency_limit=None,
+    )  # one load at a time (the handle's rule): the next is told at once
     page["timer"].tick(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)
     return chat_event

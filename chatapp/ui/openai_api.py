@@ -45,11 +45,32 @@ from .intake import RequestError, build_prompt, check_message, decoding_from
 SOURCE = "request"  # how a bad value's origin is named in its error line
 SYSTEM_ROLES = ("system", "developer")
 # OpenAI's request fields -> DecodingSettings fields (SpecChat's own are named as in settings.toml).
-FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
-          "max_completion_tokens": "max_new_tokens", "seed": "seed", "top_k": "top_k", "mode": "mode", "k": "k",
-          "auto_k": "auto_k"}
-IGNORED = ("model", "stream", "stream_options", "n", "user", "messages", "specchat", "presence_penalty",
-           "frequency_penalty", "logit_bias", "response_format", "metadata", "store")
+FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "seed": "seed",
+    "top_k": "top_k",
+    "mode": "mode",
+    "k": "k",
+    "auto_k": "auto_k",
+}
+IGNORED = (
+    "model",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "messages",
+    "specchat",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+    "metadata",
+    "store",
+)
 LENGTH_REASONS = ("max_new_tokens", "context", "time limit")  # stop reasons OpenAI calls "length"
 # Worker threads for replies of this API: few, and apart from the ones Gradio's handlers run in.
 WORKERS = anyio.CapacityLimiter(4)
@@ -173,20 +194,38 @@ class Reply:
 
     def usage(self) -> dict:
         prompt = self.turn.stats.prompt_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": self.turn.stats.new_tokens,
-                "total_tokens": prompt + self.turn.stats.new_tokens}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.turn.stats.new_tokens,
+            "total_tokens": prompt + self.turn.stats.new_tokens,
+        }
 
     def completion(self) -> dict:
         return {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.turn.text},
-                         "finish_reason": self.finish_reason()}],
-            "usage": self.usage(), "specchat": self.turn.record(),
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.turn.text},
+                    "finish_reason": self.finish_reason(),
+                }
+            ],
+            "usage": self.usage(),
+            "specchat": self.turn.record(),
         }
 
     def chunk(self, delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            **extra,
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
@@ -210,14 +249,16 @@ async def _in_thread(function, *args):
     return await anyio.to_thread.run_sync(function, *args, limiter=WORKERS)
 
 
-def openai_routes(handle: ServiceHandle, settings: Settings,
-                  credentials: list[tuple[str, str]] | None = None) -> list[APIRoute]:
+def openai_routes(
+    handle: ServiceHandle, settings: Settings, credentials: list[tuple[str, str]] | None = None
+) -> list[APIRoute]:
     """The API's routes (see the module docstring)."""
 
     async def completions(request: Request):
         if not _authorized(request, credentials):
-            return ApiError(401, "this server needs authentication: send \"user:password\" as the API key",
-                            "authentication_error").response()
+            return ApiError(
+                401, 'this server needs authentication: send "user:password" as the API key', "authentication_error"
+            ).response()
         try:
             body = await request.json()
         except ValueError:
@@ -231,8 +272,9 @@ def openai_routes(handle: ServiceHandle, settings: Settings,
             return _refused(error).response()
         if body.get("stream"):
             if handle.slot.full:
-                return _refused(BusyError("the server is busy: too many requests wait for a reply; try again later"))\
-                    .response()
+                return _refused(
+                    BusyError("the server is busy: too many requests wait for a reply; try again later")
+                ).response()
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_stream(request, handle, reply, include_usage), media_type="text/event-stream")
         watcher = asyncio.create_task(_watch(request, reply))
@@ -245,8 +287,11 @@ def openai_routes(handle: ServiceHandle, settings: Settings,
             await _in_thread(reply.start)
             await _in_thread(lambda: [None for _ in reply.rounds()])
         except Exception as error:  # refused at the start, or the engine failed mid-reply
-            failure = _refused(error) if reply.turn is None else ApiError(
-                500, f"generation failed: {one_line(error)}", "server_error")
+            failure = (
+                _refused(error)
+                if reply.turn is None
+                else ApiError(500, f"generation failed: {one_line(error)}", "server_error")
+            )
             return failure.response()
         finally:
             handle.slot.release()
@@ -258,16 +303,23 @@ def openai_routes(handle: ServiceHandle, settings: Settings,
             return ApiError(401, "this server needs authentication", "authentication_error").response()
         service = handle.service
         names = [] if service is None else [service.pair.target.info.name]
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "specchat"} for name in names]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": name, "object": "model", "created": 0, "owned_by": "specchat"} for name in names],
+            }
+        )
 
-    return [APIRoute("/v1/chat/completions", completions, methods=["POST"], include_in_schema=False),
-            APIRoute("/v1/models", models, methods=["GET"], include_in_schema=False)]
+    return [
+        APIRoute("/v1/chat/completions", completions, methods=["POST"], include_in_schema=False),
+        APIRoute("/v1/models", models, methods=["GET"], include_in_schema=False),
+    ]
 
 
 def _left(reply: Reply):
     async def left() -> bool:
         return reply.left.is_set()
+
     return left
 
 
@@ -291,8 +343,11 @@ async def _stream(request: Request, handle: ServiceHandle, reply: Reply, include
         yield reply.chunk({}, reply.finish_reason(), specchat=reply.turn.record(), **usage)
         yield "data: [DONE]\n\n"
     except Exception as error:
-        failure = _refused(error) if reply.turn is None else ApiError(
-            500, f"generation failed: {one_line(error)}", "server_error")
+        failure = (
+            _refused(error)
+            if reply.turn is None
+            else ApiError(500, f"generation failed: {one_line(error)}", "server_error")
+        )
         yield f"data: {json.dumps(_error_body(str(failure), failure.kind))}\n\n"
     finally:
         reply.left.set()  # a client gone mid-stream: the reply stops after its round

@@ -74,8 +74,14 @@ def preset_fields(model: ModelSettings, presets: Mapping[str, Mapping[str, str]]
     return picker_fields(dataclasses.replace(model, target=preset["target"], draft=preset.get("draft") or ""), presets)
 
 
-def chosen_model(settings: Settings, serving: ModelSettings, target: str | None, draft_kind: str | None,
-                 draft: str | None, quantization: str | None) -> ModelSettings:
+def chosen_model(
+    settings: Settings,
+    serving: ModelSettings,
+    target: str | None,
+    draft_kind: str | None,
+    draft: str | None,
+    quantization: str | None,
+) -> ModelSettings:
     """The [model] settings the picker asks for: `serving` with the target, draft and draft quantization
     replaced, validated as the settings file's values are."""
     if draft_kind not in DRAFT_KINDS:
@@ -83,8 +89,9 @@ def chosen_model(settings: Settings, serving: ModelSettings, target: str | None,
     other = draft_kind == DRAFT_OTHER
     draft = (draft or "").strip() if other else ""
     if other and not draft:
-        raise SettingsError(f"{SOURCE}: name the draft model (a hub id, a folder or a .gguf file), or choose "
-                            f"{DRAFT_COPY!r}")
+        raise SettingsError(
+            f"{SOURCE}: name the draft model (a hub id, a folder or a .gguf file), or choose {DRAFT_COPY!r}"
+        )
     overrides = {
         "model.target": (target or "").strip(),
         "model.draft": draft,

@@ -50,21 +50,42 @@ def build_sidebar(d: DecodingSettings) -> dict[str, gr.components.Component]:
     with gr.Sidebar(label="Settings", open=True, width=330, elem_id="settings-sidebar"):
         gr.Markdown("## ⚙ Decoding")
         inputs = {
-            "mode": gr.Radio(["speculative", "standard"], value=d.mode, label="Mode", elem_id="mode",
-                             info="standard = the target alone, for comparison"),
-            "k": gr.Slider(K_MIN, K_MAX, value=d.k, step=1, label="K: draft tokens per round", elem_id="k",
-                           interactive=not d.auto_k),
+            "mode": gr.Radio(
+                ["speculative", "standard"],
+                value=d.mode,
+                label="Mode",
+                elem_id="mode",
+                info="standard = the target alone, for comparison",
+            ),
+            "k": gr.Slider(
+                K_MIN,
+                K_MAX,
+                value=d.k,
+                step=1,
+                label="K: draft tokens per round",
+                elem_id="k",
+                interactive=not d.auto_k,
+            ),
             "auto_k": gr.Checkbox(value=d.auto_k, label="Auto K (from measured acceptance and cost)", elem_id="auto-k"),
-            "temperature": gr.Slider(0, TEMPERATURE_MAX, value=d.temperature, step=0.05,
-                                     label="Temperature (0 = greedy)", elem_id="temperature"),
+            "temperature": gr.Slider(
+                0,
+                TEMPERATURE_MAX,
+                value=d.temperature,
+                step=0.05,
+                label="Temperature (0 = greedy)",
+                elem_id="temperature",
+            ),
             "top_p": gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p (1 = off)", elem_id="top-p"),
-            "top_k": gr.Slider(0, max(TOP_K_SLIDER_MAX, d.top_k), value=d.top_k, step=1, label="Top-k (0 = off)",
-                               elem_id="top-k"),
-            "max_new_tokens": gr.Slider(1, MAX_NEW_TOKENS_MAX, value=d.max_new_tokens, step=1, label="Max new tokens",
-                                        elem_id="max-new-tokens"),
+            "top_k": gr.Slider(
+                0, max(TOP_K_SLIDER_MAX, d.top_k), value=d.top_k, step=1, label="Top-k (0 = off)", elem_id="top-k"
+            ),
+            "max_new_tokens": gr.Slider(
+                1, MAX_NEW_TOKENS_MAX, value=d.max_new_tokens, step=1, label="Max new tokens", elem_id="max-new-tokens"
+            ),
             "seed": gr.Number(value=d.seed, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="seed"),
-            "system_prompt": gr.Textbox(value=d.system_prompt, lines=3, max_lines=8, label="System prompt",
-                                        elem_id="system-prompt"),
+            "system_prompt": gr.Textbox(
+                value=d.system_prompt, lines=3, max_lines=8, label="System prompt", elem_id="system-prompt"
+            ),
         }
         gr.Markdown("Applied to the next reply only; `settings.toml` is never changed.", elem_id="sidebar-note")
     missing = [name for name in SIDEBAR_FIELDS if name not in inputs]
@@ -82,8 +103,9 @@ def _keep_k_consistent(inputs: dict[str, Any]) -> None:
         return gr.update(interactive=speculative and not auto_k), gr.update(interactive=speculative)
 
     mode, auto_k = inputs["mode"], inputs["auto_k"]
-    gr.on([mode.change, auto_k.change], sync, [mode, auto_k], [inputs["k"], auto_k], api_visibility="private",
-          queue=False)
+    gr.on(
+        [mode.change, auto_k.change], sync, [mode, auto_k], [inputs["k"], auto_k], api_visibility="private", queue=False
+    )
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -106,9 +128,7 @@ def decoding_settings(settings: Settings, values: Mapping[str, Any]) -> Decoding
     """The sidebar's values (by field name; missing ones from `settings`) as validated
     DecodingSettings. Never written to settings.toml."""
     defaults = settings.decoding
-    overrides = {
-        f"decoding.{name}": _coerce(name, value, getattr(defaults, name)) for name, value in values.items()
-    }
+    overrides = {f"decoding.{name}": _coerce(name, value, getattr(defaults, name)) for name, value in values.items()}
     return with_overrides(settings, overrides, source=SOURCE).decoding
 
 
@@ -116,7 +136,10 @@ Handler = Callable[..., Iterator[tuple]]
 
 
 def decoding_endpoint(
-    handler: Handler, refuse: Callable[..., tuple], settings: Settings, leading: Sequence[str],
+    handler: Handler,
+    refuse: Callable[..., tuple],
+    settings: Settings,
+    leading: Sequence[str],
     fields: Sequence[str] = SIDEBAR_FIELDS,
 ) -> Handler:
     """The Gradio endpoint for `handler(*leading_values, decoding, request)`.
@@ -143,7 +166,10 @@ def decoding_endpoint(
 
 
 def decoding_validator(
-    prepare: Callable[..., None], settings: Settings, leading: Sequence[str], fields: Sequence[str] = SIDEBAR_FIELDS,
+    prepare: Callable[..., None],
+    settings: Settings,
+    leading: Sequence[str],
+    fields: Sequence[str] = SIDEBAR_FIELDS,
     admission: Any = None,
 ) -> Callable[..., list]:
     """The validator of the event whose endpoint is `decoding_endpoint(..., leading, fields)`: it calls
@@ -187,4 +213,3 @@ def _named(function: Callable, names: Sequence[str], like: Callable) -> Callable
 def without(fields: Sequence[str], *names: str) -> tuple[str, ...]:
     """`fields` less `names` (e.g. Compare runs both modes, so it takes no mode)."""
     return tuple(name for name in fields if name not in names)
-

@@ -42,8 +42,15 @@ NOTICE_TEXTS = {
 }
 # A reply's record as stored: the type each field must have to be read (others are left out).
 _RECORD_NUMBERS = {f.name for f in dataclasses.fields(TurnStats) if f.type.split(" |")[0] in ("int", "float")} | {
-    "acceptance_rate", "drafted_kept", "mean_accepted_per_round", "tokens_per_s", "speedup",
-    "standard_estimate_s", "baseline_ratio", "draft_step_s", "verify_step_s",
+    "acceptance_rate",
+    "drafted_kept",
+    "mean_accepted_per_round",
+    "tokens_per_s",
+    "speedup",
+    "standard_estimate_s",
+    "baseline_ratio",
+    "draft_step_s",
+    "verify_step_s",
 }
 _RECORD_TEXTS = {f.name for f in dataclasses.fields(TurnStats) if f.type == "str"} | {"notice"}
 RECORD_TEXT_MAX = 2000  # characters of one text field kept (a notice, a baseline source)
@@ -111,8 +118,9 @@ def records(messages: list[dict]) -> list[dict]:
     return [m["stats"] for m in messages if m["role"] == "assistant" and m.get("stats")]
 
 
-def render_chat(messages: list[dict], streaming: str | None = None, notice: str | None = None, *,
-                remote_images: bool = False) -> list[dict]:
+def render_chat(
+    messages: list[dict], streaming: str | None = None, notice: str | None = None, *, remote_images: bool = False
+) -> list[dict]:
     """Chatbot messages: every reply followed by its stats as a collapsed aside;
     `streaming` is the text of a reply still coming (shown with a cursor). Images
     from other addresses show as links unless `remote_images`."""
@@ -120,9 +128,14 @@ def render_chat(messages: list[dict], streaming: str | None = None, notice: str 
     out: list[dict] = []
     hidden = len(messages) - SHOWN_MESSAGES_MAX
     if hidden > 0:
-        out.append({"role": "assistant", "content": f"{hidden} earlier messages are kept in this chat but not "
-                    "shown; they still go to the model while they fit its context.",
-                    "metadata": {"title": f"⋯ {hidden} earlier messages not shown", "status": "done"}})
+        out.append(
+            {
+                "role": "assistant",
+                "content": f"{hidden} earlier messages are kept in this chat but not "
+                "shown; they still go to the model while they fit its context.",
+                "metadata": {"title": f"⋯ {hidden} earlier messages not shown", "status": "done"},
+            }
+        )
         messages = messages[hidden:]
     for m in messages:
         stats = m.get("stats") if m["role"] == "assistant" else None

@@ -77,7 +77,7 @@ def theory_frame(records: list[dict], cost_ratio: float, default_k: int) -> tupl
     measured c and each K used (the last four; `default_k` when none), with the measured speculative
     replies as points beside it; and the color of each series."""
     spec = [r for r in records if r["mode"] == "speculative" and r.get("k")]
-    ks = sorted({int(r["k"]) for r in spec})[-len(THEORY_COLORS):] or [int(default_k)]
+    ks = sorted({int(r["k"]) for r in spec})[-len(THEORY_COLORS) :] or [int(default_k)]
     steps = round(1 / THEORY_STEP)
     rows, colors = [], {}
     for (light, dark), k in zip(THEORY_COLORS, ks):
@@ -106,16 +106,20 @@ def reply_caption(frame: pd.DataFrame) -> str:
     acceptance, speedup = _count(frame, ACCEPTANCE), _count(frame, SPEEDUP)
     if not acceptance and not speedup:
         return "No replies yet."
-    return (f"Acceptance rate of {_plural(acceptance, 'reply')}, speedup of {speedup} (1× = standard decoding). "
-            f"{ZOOM_HINT}")
+    return (
+        f"Acceptance rate of {_plural(acceptance, 'reply')}, speedup of {speedup} (1× = standard decoding). {ZOOM_HINT}"
+    )
 
 
 def theory_caption(frame: pd.DataFrame, cost_ratio: float) -> str:
     """What the theory plot shows, in words that name each series it draws (see plot_captions)."""
     series = list(dict.fromkeys(frame[THEORY_PLOT["color"]]))
     ks = [name.removeprefix("theory, K=") for name in series if name.startswith("theory")]
-    measured = [f"{_count(frame, name)} at K = {name.removeprefix('measured replies, K=')}"
-                for name in series if name.startswith("measured")]
+    measured = [
+        f"{_count(frame, name)} at K = {name.removeprefix('measured replies, K=')}"
+        for name in series
+        if name.startswith("measured")
+    ]
     return (
         f"The theory S(a) = (1 − a^(K+1)) / ((1 − a)(1 + K·c)) for K = {', '.join(ks)} at the measured "
         f"c = {cost_ratio:.3f}; measured replies: "
@@ -191,8 +195,12 @@ def stats_summary(service: Any, records: list[dict], k: int | None = None) -> st
         ks = [int(r["k"]) for r in records if r["mode"] == "speculative" and r.get("k")]
         k = ks[-1] if ks else 4
     n_spec = sum(r["mode"] == "speculative" for r in records)
-    figures = [_acceptance_text(tracker, samples), _cost_text(tracker, samples), _verify_text(tracker, samples, k),
-               _baseline_text(service)]
+    figures = [
+        _acceptance_text(tracker, samples),
+        _cost_text(tracker, samples),
+        _verify_text(tracker, samples, k),
+        _baseline_text(service),
+    ]
     return (
         f"**The running figures** come from {_plural(samples['replies'], 'reply')} since the models were loaded "
         "(all users), on top of the calibration at load; step and forward times are windows of recent "

@@ -70,8 +70,7 @@ def space_settings(env: Mapping[str, str] | None = None) -> Settings:
     preset = env.get(PRESET_ENV, "").strip()
     if preset:
         settings = apply_preset(settings, preset)
-    address = {"server.host": HOST, "server.port": space_port(env), "server.open_browser": False,
-               "server.share": False}
+    address = {"server.host": HOST, "server.port": space_port(env), "server.open_browser": False, "server.share": False}
     return with_overrides(settings, address, source=f"the Space ({PORT_ENV})")
 
 
@@ -128,15 +127,16 @@ def main() -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_SETTINGS
     model = settings.model
-    say(f"target {model.target}, draft {model.draft or 'INT8 copy of the target'}; "
-        f"HF_TOKEN {'set' if os.environ.get('HF_TOKEN') else 'not set'}; ZeroGPU {zerogpu.on_zerogpu()}")
+    say(
+        f"target {model.target}, draft {model.draft or 'INT8 copy of the target'}; "
+        f"HF_TOKEN {'set' if os.environ.get('HF_TOKEN') else 'not set'}; ZeroGPU {zerogpu.on_zerogpu()}"
+    )
     demo = build_app(service_handle(settings), settings)
     server = settings.server
     try:
         launch_app(demo, host=server.host, port=server.port)
     except OSError as error:  # the port is taken
-        print(f"error: cannot start the web server on {server.host}:{server.port}: {one_line(error)}",
-              file=sys.stderr)
+        print(f"error: cannot start the web server on {server.host}:{server.port}: {one_line(error)}", file=sys.stderr)
         return EXIT_SERVER
     except KeyboardInterrupt:
         pass
