@@ -39,15 +39,27 @@ pytestmark = [
 def bundle_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "SPECCHAT_EMBEDDED_WHEEL", "SPECCHAT_CONFIG")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SPECCHAT_")}
-    env.update(SPECCHAT_CACHE_DIR=str(tmp_path / "cache"), SPECCHAT_DATA_DIR=str(tmp_path / "data"),
-               SPECCHAT_CONFIG_DIR=str(tmp_path / "config"), HF_HUB_OFFLINE="1", PIP_NO_INDEX="1", **extra)
+    env.update(
+        SPECCHAT_CACHE_DIR=str(tmp_path / "cache"),
+        SPECCHAT_DATA_DIR=str(tmp_path / "data"),
+        SPECCHAT_CONFIG_DIR=str(tmp_path / "config"),
+        HF_HUB_OFFLINE="1",
+        PIP_NO_INDEX="1",
+        **extra,
+    )
     env["PATH"] = "/usr/bin:/bin"  # not this checkout's .venv
     return env
 
 
 def test_the_bundle_answers_help_without_python(tmp_path):
-    helped = subprocess.run([str(Path(BUNDLE) / "specchat"), "--help"], cwd=tmp_path, env=bundle_env(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    helped = subprocess.run(
+        [str(Path(BUNDLE) / "specchat"), "--help"],
+        cwd=tmp_path,
+        env=bundle_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("usage: specchat")
 
@@ -56,8 +68,15 @@ def test_the_bundle_starts_with_the_embedded_model_in_its_window(display, tmp_pa
     from gradio_client import Client
 
     env = bundle_env(tmp_path, DISPLAY=display)
-    app = subprocess.Popen([str(Path(BUNDLE) / "specchat")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    app = subprocess.Popen(
+        [str(Path(BUNDLE) / "specchat")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     started = time.monotonic()
     try:
         window = wait_until(lambda: app_window(display), 300, "the window", app)
