@@ -15,6 +15,7 @@ import copy
 import functools
 import importlib.util
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from chatapp.lm import DecoderLM, HFDecoderLM
 # Tests assert CPU facts (float32, the kernels' labels, bit-exact kernels): on a machine with a GPU,
 # device "auto" would pick CUDA. CUDA tests (marker `cuda`) place their models themselves.
 os.environ.setdefault("SPECCHAT_MODEL_DEVICE", "cpu")
+# The browser-state secret and the user's auth file live in the config folder: tests keep theirs apart.
+os.environ.setdefault("SPECCHAT_CONFIG_DIR", tempfile.mkdtemp(prefix="specchat-test-config-"))
 
 
 def tiny_llama(vocab: int, *, seed: int = 0, max_positions: int = 96, init_std: float = 0.2):

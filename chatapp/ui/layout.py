@@ -31,6 +31,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import zerogpu
+from ..paths import state_secret
 from ..settings import MESSAGE_CHARS_MAX, Settings, load_settings
 from .api import add_chat_api
 from .format import COMPARE_COLUMNS, NO_STATS, PICKER_OFF, SPEEDUP_METHOD, model_markdown, model_status_line
@@ -93,7 +94,7 @@ def build_app(service_or_factory: Any, settings: Settings | None = None, *, load
     handle = ServiceHandle.of(service_or_factory)
     handlers = Handlers(handle, settings, loader)
     with gr.Blocks(title="SpecChat · speculative decoding", analytics_enabled=False, fill_width=True) as demo:
-        page = {"state": gr.BrowserState(EMPTY_STATE, storage_key=STORAGE_KEY)}
+        page = {"state": gr.BrowserState(EMPTY_STATE, storage_key=STORAGE_KEY, secret=state_secret())}
         sidebar = build_sidebar(settings.decoding)
         with gr.Column(elem_id="app-header"):
             gr.Markdown(INTRO)
