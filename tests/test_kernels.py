@@ -43,6 +43,7 @@ def kernels(request):
         pytest.skip(f"the {request.param} kernels could not be built here")
     return module
 
+
 SHAPES = [(100, 32), (960, 576), (576, 1536), (64, 64)]  # n outputs x k inputs; 100 pads a panel
 
 

@@ -52,6 +52,7 @@ def test_eight_clients_five_turns_each_at_once():
     conversations: dict[int, list[tuple[str, str, dict]]] = {}
 
     with served(service) as (_, url):
+
         def converse(number: int) -> None:
             c = client(url)
             history, said = [], []

@@ -47,11 +47,14 @@ def test_accounts_come_from_the_environment_a_file_or_the_config_folder(no_auth,
     assert credentials() == [("dee", "pass")]
 
 
-@pytest.mark.parametrize("value, where", [
-    ("no-colon-secret", "environment variable SPECCHAT_AUTH"),
-    (":secret-only", "environment variable SPECCHAT_AUTH"),
-    ("user:", "environment variable SPECCHAT_AUTH"),
-])
+@pytest.mark.parametrize(
+    "value, where",
+    [
+        ("no-colon-secret", "environment variable SPECCHAT_AUTH"),
+        (":secret-only", "environment variable SPECCHAT_AUTH"),
+        ("user:", "environment variable SPECCHAT_AUTH"),
+    ],
+)
 def test_a_malformed_account_is_one_line_that_never_shows_the_password(no_auth, monkeypatch, value, where):
     monkeypatch.setenv("SPECCHAT_AUTH", value)
     with pytest.raises(AuthError) as refused:
@@ -85,8 +88,9 @@ def test_the_warning_is_for_an_app_reachable_beyond_loopback_without_authenticat
 def test_serving_on_all_interfaces_warns_at_start_unless_it_needs_a_sign_in(no_auth, capfd):
     with served(FakeService(), host="0.0.0.0"):
         pass
-    assert "warning: the app is reachable on 0.0.0.0, from other machines without authentication" in \
-        capfd.readouterr().err
+    assert (
+        "warning: the app is reachable on 0.0.0.0, from other machines without authentication" in capfd.readouterr().err
+    )
     with served(FakeService(), host="0.0.0.0", auth=[("ann", "pw")]):
         pass
     with served(FakeService()):
@@ -149,8 +153,12 @@ def test_no_user_text_or_model_output_reaches_the_logs(no_auth, capfd, caplog, r
         llm.chat.completions.create(model="m", messages=[{"role": "user", "content": MARK}])
         with pytest.raises(openai.BadRequestError):
             llm.chat.completions.create(model="m", messages=[{"role": "user", "content": MARK}], extra_body={"k": MARK})
-        stats = httpx.post(f"{url}gradio_api/run/stats", content=f'{{"data": [{{"messages": []}}, "{MARK}"]}}',
-                           headers={"content-type": "application/json"}, timeout=30)
+        stats = httpx.post(
+            f"{url}gradio_api/run/stats",
+            content=f'{{"data": [{{"messages": []}}, "{MARK}"]}}',
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
         assert f"decoding.k = '{MARK}' is not a number" in stats.text  # told to the client, and only to it
         c.close()
     logged = capfd.readouterr()

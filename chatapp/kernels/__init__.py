@@ -105,7 +105,9 @@ def chosen_variant() -> str | None:
         if forced not in VARIANTS:
             raise ValueError(f"{VARIANT_ENV}={forced!r}: expected one of {', '.join(VARIANTS + (TORCH,))}")
         if forced not in supported_variants():
-            raise ValueError(f"{VARIANT_ENV}={forced}: this CPU cannot run it (it runs {', '.join(supported_variants())})")
+            raise ValueError(
+                f"{VARIANT_ENV}={forced}: this CPU cannot run it (it runs {', '.join(supported_variants())})"
+            )
         return forced
     return supported_variants()[0]
 
@@ -141,7 +143,7 @@ def cpu_kernels(variant: str | None = None):
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(variant: str):
     if variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant!r}: expected one of {', '.join(VARIANTS)}")
@@ -161,6 +163,8 @@ def _load(variant: str):
             verbose=False,
         )
     except Exception as error:  # a missing compiler must not stop the app
-        print(f"specchat: CPU kernels ({variant}) unavailable ({type(error).__name__}: {error}); using torch ops",
-              file=sys.stderr)
+        print(
+            f"specchat: CPU kernels ({variant}) unavailable ({type(error).__name__}: {error}); using torch ops",
+            file=sys.stderr,
+        )
         return None
