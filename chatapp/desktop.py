@@ -25,6 +25,9 @@ in private mode, so the web view keeps no cookies or storage on disk.
 
 It knows the UI only as `build_app`, the theme and CSS of chatapp.ui.launch and
 `load_service`, and the service only through chatapp.ui's ServiceHandle.
+
+Past ~400 lines: the window, the single-instance lock and the loading page
+share one life cycle (start, focus, close) that is easier to follow whole.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ draft's distributions after the same temperature/top-k/top-p processing.
 
 Prefill covers the prompt except its last token; every generated token then
 comes out of a round, so the first token of a reply can already be drafted.
+
+One module past ~400 lines on purpose: the round, its fallbacks (a failing
+draft, the time limit), the in-reply reference steps and the prefix cache all
+work on the same generator state; split, each would reach into the others.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ bitsandbytes where it is installed, and multiplied weight-only:
 one matrix-vector product (the int8 weight-only recipe of gpt-fast and
 torchao). bitsandbytes' LLM.int8 (int8 activations, outlier split, a host
 sync per layer) is slow at batch 1 and is not used here.
+
+One module past ~400 lines on purpose: the weights, the forward, the padded
+rows and the graph capture are one decoder, and every part assumes the others'
+shapes and buffers.
 """
 
 from __future__ import annotations

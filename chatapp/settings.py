@@ -21,6 +21,9 @@ So, lowest first:
 ``model.preset`` then names the preset the pair came from, or is "" when the
 final target and draft are not that preset's pair (a later or explicit
 target or draft changed it).
+
+Past ~400 lines because it is one table of every setting, its rule and its
+source; splitting the table would split the one place a limit is stated.
 """
 
 import dataclasses

@@ -20,6 +20,9 @@ It judges the issue's goals and writes gpu-check.json and gpu-check.md to `out`.
 Without CUDA it raises `NoCudaError` (the CLI prints it as one line, exit 2),
 unless `tiny`: then the same code runs on the CPU with tiny shapes in seconds,
 so it is tested without a GPU. Knows nothing about the bench's prompts or runs.
+
+Past ~400 lines because it is one self-contained command (build, measure,
+judge, write) that must run whole on a lent GPU; its functions are small.
 """
 
 from __future__ import annotations
