@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="gpu_check",
         help="the CUDA path on random-weight Qwen2.5-7B/0.5B shapes (only --out applies)",
     )
+    bench.add_argument(
+        "--ttft", action="store_true", help="time to first token over a 10-turn chat, with and without the prefix cache"
+    )
     bench.add_argument("--tiny", action="store_true", help="with --gpu-check: the same check on the CPU, tiny shapes")
 
     prepare = sub.add_parser("prepare", help="fetch and convert the embedded model, build the CPU kernels")

@@ -27,6 +27,7 @@ from .plots import plot
 from .prompts import encode_prompts, load_prompts, select_prompts
 from .report import headline_table, write_report
 from .summary import correctness, paired_vs_standard, speedups, summarize, theory
+from .ttft import run_ttft
 
 
 def finish(result: dict) -> dict:
@@ -55,6 +56,8 @@ def run_bench(settings, args) -> int:
     """`python main.py bench`: load, run, write; the headline table to stdout (`--gpu-check`: gpu_check.py)."""
     if getattr(args, "gpu_check", False) or getattr(args, "tiny", False):
         return run_gpu_check(args)
+    if getattr(args, "ttft", False):
+        return run_ttft(settings, args)
     started = time.perf_counter()
     progress = progress_to_stderr("bench")
     options = resolve_options(settings, args)
