@@ -73,16 +73,15 @@ def packed_weight(kernels, dtype: str, n: int, k: int, seed: int) -> tuple[torch
 
 
 def test_kernels_use_every_torch_thread(kernels):
-    # Built without OpenMP, at::parallel_for runs serially: decode then reads
-    # weights on one core (measured 27 ms vs 20 ms a step on 2 cores).
+    # The kernels' own team follows torch's thread setting, up and down:
+    # on one core, decode reads weights at about half the speed.
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one CPU")
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        assert kernels.parallel_threads() == 2
-        torch.set_num_threads(1)
-        assert kernels.parallel_threads() == 1
+        for threads in (2, 3, 1, 2):
+            torch.set_num_threads(threads)
+            assert kernels.parallel_threads() == threads
     finally:
         torch.set_num_threads(before)
 

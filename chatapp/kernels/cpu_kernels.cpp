@@ -22,12 +22,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/python.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -477,39 +479,165 @@ inline void store_panel(const T* out, int64_t rows, int64_t r0, int64_t col0, in
   }
 }
 
-// Splits a weight's panels over the threads in half-panel units, so two
-// threads share a layer of 9 panels (576 outputs) 4.5/4.5 instead of 5/4.
-// run(panel, c0, width) computes columns c0..c0+width-1 of one panel: whole
-// panels where a thread holds both halves. The column split cannot change a
-// result: each output is still one chain over its inputs.
+// ---- threads ------------------------------------------------------------------
 //
-// Each thread first streams its own contiguous share of three quarters of the
-// units; the last quarter goes a panel at a time to whichever thread is free,
-// since on a shared machine one core is often slower than the other (perf
-// showed each thread waiting 6-12% of a draft step at the joins).
+// A parallel loop whose end waits for work, not for threads. OpenMP's join
+// waits until every thread of the team has arrived, so when another process
+// holds a core, a helper that has not even been scheduled yet stalls the whole
+// step for a scheduler time slice, at each of the ~150 loops of a decode step
+// (measured here at load average 6: a 2-thread draft step took a median of
+// 1.4 s against 31 ms on one thread). Here each thread claims units from its
+// own contiguous range (so each streams its own part of the weights, as with a
+// static split), then from the others' ranges; the calling thread waits only
+// for units a helper has claimed, so a helper that is asleep or descheduled
+// simply takes no part and the caller does its range too.
+class Team {
+ public:
+  static constexpr int kMaxThreads = 64;
+
+  static Team& instance() {
+    static Team* team = new Team;  // never destroyed: helpers run until the process ends
+    return *team;
+  }
+
+  // body(begin, end) for consecutive units covering [0, units) once, claimed
+  // `grab` at a time (fewer at a range's end), on this thread and up to
+  // threads - 1 helpers. One loop at a time (a second caller waits).
+  template <typename Body>
+  void run(int64_t units, int threads, int64_t grab, const Body& body) {
+    threads = std::min<int>({threads, kMaxThreads, static_cast<int>(std::max<int64_t>(1, units / grab))});
+    if (threads <= 1) {
+      if (units > 0) body(0, units);
+      return;
+    }
+    std::lock_guard<std::mutex> one_loop(loop_);
+    hire(threads - 1);
+    const uint64_t epoch = ++epoch_counter_;
+    for (int r = 0; r < kMaxThreads; ++r) next_[r].store(tag(epoch, kUnitMask), std::memory_order_relaxed);
+    fn_.store([](const void* context, int64_t begin, int64_t end) { (*static_cast<const Body*>(context))(begin, end); },
+              std::memory_order_relaxed);
+    context_.store(&body, std::memory_order_relaxed);
+    grab_.store(grab, std::memory_order_relaxed);
+    ranges_.store(threads, std::memory_order_relaxed);
+    for (int r = 0; r < threads; ++r) {
+      const int64_t begin = units * r / threads / grab * grab;  // ranges start on whole grabs
+      // Release: a late helper that sees the new end also sees the closed counters above.
+      end_[r].store(r + 1 < threads ? units * (r + 1) / threads / grab * grab : units, std::memory_order_release);
+      next_[r].store(tag(epoch, begin), std::memory_order_relaxed);
+    }
+    done_.store(0, std::memory_order_relaxed);
+    epoch_.store(epoch, std::memory_order_release);  // publishes everything above
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) epoch_.notify_all();
+    const int64_t mine = work(epoch, 0);
+    for (int64_t spins = 0; done_.load(std::memory_order_acquire) + mine < units; ++spins) {
+      if (spins < kSpins) {
+        pause();
+      } else {
+        std::this_thread::yield();  // a helper was descheduled mid-claim
+      }
+    }
+  }
+
+ private:
+  static constexpr int kUnitBits = 32;
+  static constexpr uint64_t kUnitMask = (uint64_t{1} << kUnitBits) - 1;
+  static constexpr int64_t kSpins = 1 << 14;  // ~1 ms of pause before a helper sleeps
+
+  static uint64_t tag(uint64_t epoch, int64_t unit) { return (epoch << kUnitBits) | static_cast<uint64_t>(unit); }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  // Claims and runs units of `epoch`, from range `slot` on, until none is
+  // left; returns how many it ran. A claim is a compare-and-swap on a counter
+  // tagged with its epoch, so a helper that slept through a loop can never
+  // claim a unit of the next one with the old body.
+  int64_t work(uint64_t epoch, int slot) {
+    const int ranges = ranges_.load(std::memory_order_relaxed);
+    const int64_t grab = grab_.load(std::memory_order_relaxed);
+    int64_t count = 0;
+    for (int i = 0; i < ranges; ++i) {
+      const int r = (slot + i) % ranges;
+      const int64_t end = end_[r].load(std::memory_order_acquire);
+      uint64_t s = next_[r].load(std::memory_order_acquire);
+      while ((s >> kUnitBits) == epoch && static_cast<int64_t>(s & kUnitMask) < end) {
+        const int64_t begin = static_cast<int64_t>(s & kUnitMask);
+        const int64_t stop = std::min(begin + grab, end);
+        if (next_[r].compare_exchange_weak(s, tag(epoch, stop), std::memory_order_acq_rel,
+                                            std::memory_order_acquire)) {
+          fn_.load(std::memory_order_relaxed)(context_.load(std::memory_order_relaxed), begin, stop);
+          count += stop - begin;
+          s = next_[r].load(std::memory_order_acquire);
+        }
+      }
+    }
+    return count;
+  }
+
+  void hire(int helpers) {
+    while (static_cast<int>(threads_.size()) < helpers) {
+      const int index = static_cast<int>(threads_.size());
+      // The epoch before the loop about to start, so a new helper takes part in it.
+      const uint64_t before = epoch_.load(std::memory_order_relaxed);
+      threads_.emplace_back([this, index, before] { serve(index, before); });
+      threads_.back().detach();
+    }
+    active_.store(helpers, std::memory_order_relaxed);
+  }
+
+  void serve(int index, uint64_t seen) {
+    for (;;) {
+      uint64_t epoch = epoch_.load(std::memory_order_acquire);
+      for (int64_t spins = 0; epoch == seen; epoch = epoch_.load(std::memory_order_acquire)) {
+        if (++spins < kSpins) {
+          pause();
+        } else {
+          sleeping_.fetch_add(1, std::memory_order_seq_cst);
+          epoch_.wait(seen, std::memory_order_acquire);  // returns at once if a loop started meanwhile
+          sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+          spins = 0;
+        }
+      }
+      seen = epoch;
+      if (index < active_.load(std::memory_order_relaxed)) {
+        const int64_t ran = work(epoch, index + 1);
+        if (ran > 0) done_.fetch_add(ran, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex loop_;
+  std::vector<std::thread> threads_;
+  uint64_t epoch_counter_ = 0;  // written under loop_
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int> active_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<int> ranges_{0};
+  std::atomic<int64_t> grab_{1};
+  std::atomic<uint64_t> next_[kMaxThreads] = {};
+  std::atomic<int64_t> end_[kMaxThreads] = {};
+  std::atomic<void (*)(const void*, int64_t, int64_t)> fn_{nullptr};
+  std::atomic<const void*> context_{nullptr};
+  std::atomic<int64_t> done_{0};
+};
+
+// Runs every half-panel unit of a weight's panels on the team (torch's
+// thread setting): run(panel, c0, width) computes columns c0..c0+width-1 of
+// one panel, whole panels where a claim covers both halves, so two threads
+// share a layer of 9 panels (576 outputs) 4.5/4.5 instead of 5/4. The column
+// split cannot change a result: each output is still one chain over its inputs.
 template <typename Run>
 void for_each_panel_part(int64_t panels, const Run& run) {
-  const int64_t units = 2 * panels;
-  auto run_units = [&](int64_t begin, int64_t end) {
+  Team::instance().run(2 * panels, at::get_num_threads(), 2, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end;) {
       const bool whole = u % 2 == 0 && u + 1 < end;
       run(u / 2, whole ? 0 : (u % 2) * (kPanel / 2), whole ? kPanel : kPanel / 2);
       u += whole ? 2 : 1;
     }
-  };
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), units));
-  if (threads <= 1 || at::in_parallel_region()) {
-    run_units(0, units);
-    return;
-  }
-  const int64_t own = units * 3 / 4 / threads / 2 * 2;  // whole panels: the shared tail starts on one
-  std::atomic<int64_t> next{own * threads};
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num();
-    run_units(t * own, (t + 1) * own);
-    for (int64_t u = next.fetch_add(2); u < units; u = next.fetch_add(2)) run_units(u, std::min(u + 2, units));
-  }
+  });
 }
 
 // Every panel part, chunk by chunk; within a chunk, rows `rows` at a time:
@@ -703,12 +831,12 @@ void attention_into(const float* qp, int64_t n, int64_t heads, int64_t d, const 
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   auto attend = d == 64 ? attend_one<64> : d == 128 ? attend_one<128> : attend_one<0>;
-  // Tasks in chunks of at least ~64k multiply-adds: a one-token step over a
-  // short context then runs on this thread, not in a parallel region whose
-  // start and join cost more than the work (and far more when another
-  // process holds the other core).
+  // Tasks in claims of at least ~64k multiply-adds: a one-token step over a
+  // short context then runs on this thread alone, since handing work over
+  // costs more than the work.
+  const int64_t tasks = n * heads;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / ((start + n) * d));
-  at::parallel_for(0, n * heads, grain, [&](int64_t begin, int64_t end) {
+  Team::instance().run(tasks, at::get_num_threads(), grain, [&](int64_t begin, int64_t end) {
     float* scores = scratch<float>(kScores, start + n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / heads, h = task % heads;
@@ -889,17 +1017,30 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   return y;
 }
 
-// How many threads one parallel_for actually runs on. at::parallel_for is a
-// header template: built without OpenMP it silently runs serially.
+// How many threads a loop of the kernels actually runs on: one unit per
+// thread, each waiting (up to 2 s, for a loaded machine) until every thread
+// has claimed one.
 int64_t parallel_threads() {
-  std::atomic<int64_t> widest{1};
-  at::parallel_for(0, 4 * at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    const int64_t mine = at::get_thread_num() + 1;
-    int64_t seen = widest.load();
-    while (mine > seen && !widest.compare_exchange_weak(seen, mine)) {
+  const int threads = at::get_num_threads();
+  std::mutex seen_lock;
+  std::vector<std::thread::id> seen;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  Team::instance().run(threads, threads, 1, [&](int64_t, int64_t) {
+    {
+      std::lock_guard<std::mutex> hold(seen_lock);
+      seen.push_back(std::this_thread::get_id());
+    }
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> hold(seen_lock);
+        if (static_cast<int>(seen.size()) >= threads) return;
+      }
+      if (std::chrono::steady_clock::now() > deadline) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
   });
-  return widest.load();
+  std::sort(seen.begin(), seen.end());
+  return std::unique(seen.begin(), seen.end()) - seen.begin();
 }
 
 // The variant name the loader built this module as (avx512, avxvnni, avx2, portable).
