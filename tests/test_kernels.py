@@ -430,3 +430,19 @@ def test_a_named_variant_or_little_memory_skips_the_timing(monkeypatch):
     monkeypatch.setattr(llama, "memory_allows", lambda nbytes: False)
     lm = LlamaDecoderLM.from_hf(tiny_model())
     assert "not timed" in lm.info.extra["decode_paths_ms"]
+
+
+def test_the_variant_table_measures_every_path():
+    from chatapp.kernels import measure
+    from tests.conftest import tiny_llama
+
+    variant = loader.chosen_variant() or "portable"
+    result = measure.measure(
+        tiny_llama(vocab=64, max_positions=48), [variant], reps=2, context=8, verify=3, prefill=12, bandwidth_mb=8
+    )
+    assert list(result["rows"]) == [variant, "torch"] or cpu_kernels(variant) is None
+    for row in result["rows"].values():
+        assert all(row[f"{job}_s"] > 0 for job in ("target_step", "draft_step", "verify", "prefill"))
+    assert result["bandwidth_gb_s"] > 0 and 0 < result["draft_bound_s"] < result["target_bound_s"]
+    table = measure.format_table(result)
+    assert f"| {variant} (" in table and "| torch (torch ops)" in table and "verify 3 / step" in table

@@ -48,7 +48,7 @@ def candidates(hf_model, variants: Sequence[str]) -> dict[str, tuple[Any, Any]]:
 
 def _jobs(target, draft, context: int, verify: int, prefill: int) -> dict[str, Callable[[], Any]]:
     """The timed calls of one candidate; the caches are filled so every step starts at `context`."""
-    ids = [(7 + 7919 * i) % 4096 for i in range(max(context, prefill) + verify)]
+    ids = [(7 + 7919 * i) % target.vocab_size for i in range(max(context, prefill) + verify)]
     t_cache = target.new_cache(max(context, prefill) + verify)
     d_cache = draft.new_cache(context + 1)
     target.forward(ids[:context], 0, t_cache, logits=False)
@@ -63,9 +63,9 @@ def _jobs(target, draft, context: int, verify: int, prefill: int) -> dict[str, C
     }
 
 
-def _bandwidth_jobs() -> tuple[dict[str, Callable[[], Any]], int]:
+def _bandwidth_jobs(megabytes: int) -> tuple[dict[str, Callable[[], Any]], int]:
     # Distinct values on every page: pages of one constant can be merged (KSM) and then hit the cache.
-    src = torch.arange(BANDWIDTH_MB * (1 << 20) // 4, dtype=torch.float32)
+    src = torch.arange(megabytes * (1 << 20) // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     return {"read": lambda: src.sum(), "copy": lambda: dst.copy_(src)}, src.numel() * 4
 
@@ -78,6 +78,7 @@ def measure(
     context: int = 100,
     verify: int = 9,
     prefill: int = 100,
+    bandwidth_mb: int = BANDWIDTH_MB,
 ) -> dict:
     """Medians (seconds) of every candidate's jobs, the bandwidth and the weight bounds."""
     variants = supported_variants() if variants is None else list(variants)
@@ -85,15 +86,19 @@ def measure(
     jobs = {
         (name, job): fn for name, (t, d) in built.items() for job, fn in _jobs(t, d, context, verify, prefill).items()
     }
-    bandwidth, nbytes = _bandwidth_jobs()
+    bandwidth, nbytes = _bandwidth_jobs(bandwidth_mb)
     jobs.update({("bandwidth", job): fn for job, fn in bandwidth.items()})
     for fn in jobs.values():  # warm-up
         fn()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
-    for _ in range(reps):
-        for key, fn in jobs.items():
+    groups = list(dict.fromkeys(name for name, _ in jobs))
+    for rep in range(reps):
+        # The candidates take turns going first: torch's OpenMP threads keep spinning for a while
+        # after its jobs, and would otherwise always slow down the same next candidate.
+        order = groups[rep % len(groups) :] + groups[: rep % len(groups)]
+        for key in sorted(jobs, key=lambda key: order.index(key[0])):
             start = time.perf_counter()
-            fn()
+            jobs[key]()
             times[key].append(time.perf_counter() - start)
     medians = {key: statistics.median(values) for key, values in times.items()}
     gb_s = max(nbytes / medians[("bandwidth", "read")], 2 * nbytes / medians[("bandwidth", "copy")]) / 1e9
