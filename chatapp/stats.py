@@ -15,6 +15,7 @@ import math
 import statistics
 import threading
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from .settings import K_MAX
 
@@ -64,6 +65,19 @@ class TurnStats:
     stop_reason: str = ""  # "eos", "max_new_tokens", "stopped", "context", "time limit", "out of memory", "error"
     fallback: str = ""  # why a speculative reply finished with standard decoding ("draft failed: ..."), if it did
     source_counts: dict[str, int] = field(default_factory=dict)
+
+    # The rates derived from the fields above that the record (to_dict) carries too.
+    DERIVED: ClassVar[tuple[str, ...]] = (
+        "acceptance_rate",
+        "drafted_kept",
+        "mean_accepted_per_round",
+        "tokens_per_s",
+        "speedup",
+        "standard_estimate_s",
+        "baseline_ratio",
+        "draft_step_s",
+        "verify_step_s",
+    )
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -125,17 +139,7 @@ class TurnStats:
     def to_dict(self) -> dict:
         """Plain JSON: derived rates included, non-finite numbers as None."""
         out = asdict(self)
-        for name in (
-            "acceptance_rate",
-            "drafted_kept",
-            "mean_accepted_per_round",
-            "tokens_per_s",
-            "speedup",
-            "standard_estimate_s",
-            "baseline_ratio",
-            "draft_step_s",
-            "verify_step_s",
-        ):
+        for name in self.DERIVED:
             out[name] = getattr(self, name)
         return {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in out.items()}
 

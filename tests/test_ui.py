@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import socket
 import subprocess
 import sys
 import threading
@@ -20,25 +19,17 @@ from gradio_client import Client
 
 from chatapp import ui
 from chatapp.autok import AcceptanceTracker, KChoice
-from chatapp.settings import DEFAULT_SETTINGS_PATH, K_MAX, K_MIN, SettingsError, load_settings
+from chatapp.settings import K_MAX, K_MIN, SettingsError, load_settings
 from chatapp.stats import expected_speedup
 from chatapp.ui.format import choice_text, stats_line, stats_title
 from chatapp.ui.handle import ServiceHandle
 from chatapp.ui.handlers import LOAD_OUTPUTS, Handlers
 from chatapp.ui.picker import DRAFT_OTHER
 from chatapp.ui.sidebar import SIDEBAR_FIELDS, decoding_endpoint
+from tests.served import EMPTY, SETTINGS, free_port
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
-
-SETTINGS = load_settings(DEFAULT_SETTINGS_PATH, env={})  # the shipped defaults, whatever the environment says
-EMPTY = {"messages": []}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(service_or_factory):

@@ -41,17 +41,9 @@ NOTICE_TEXTS = {
     "time limit": "This reply reached the server's time limit for one reply and ends there.",
 }
 # A reply's record as stored: the type each field must have to be read (others are left out).
-_RECORD_NUMBERS = {f.name for f in dataclasses.fields(TurnStats) if f.type.split(" |")[0] in ("int", "float")} | {
-    "acceptance_rate",
-    "drafted_kept",
-    "mean_accepted_per_round",
-    "tokens_per_s",
-    "speedup",
-    "standard_estimate_s",
-    "baseline_ratio",
-    "draft_step_s",
-    "verify_step_s",
-}
+_RECORD_NUMBERS = {f.name for f in dataclasses.fields(TurnStats) if f.type.split(" |")[0] in ("int", "float")} | set(
+    TurnStats.DERIVED
+)
 _RECORD_TEXTS = {f.name for f in dataclasses.fields(TurnStats) if f.type == "str"} | {"notice"}
 RECORD_TEXT_MAX = 2000  # characters of one text field kept (a notice, a baseline source)
 # Messages the chat shows, the newest: every streamed update sends the whole chat, so its cost must
