@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernels import TORCH, cpu_kernels, variant_forced
-from .kernels.choice import faster, memory_allows
+from .kernels import TORCH, cpu_kernels, rival_variants, variant_forced
+from .kernels.choice import VARIANT_MARGIN, faster, memory_allows
 from .lm import ModelInfo, as_id_tensor, weights_origin
 
 SUPPORTED_TYPES = ("llama", "qwen2")
@@ -219,21 +219,35 @@ class LlamaDecoderLM:
     def from_hf(
         cls, hf_model, *, quantize: str | None = None, info: ModelInfo | None = None, variant: str | None = None
     ) -> LlamaDecoderLM:
-        """The decoder on the kernels chatapp.kernels chooses (or `variant`), unless
-        plain torch ops run one decode step of this model clearly faster here:
-        then on torch ops. The step timings go to info.extra["decode_paths_ms"]."""
+        """The decoder on the path that runs one decode step of this model fastest
+        here: the kernel variant chatapp.kernels chooses, its rival (the 256-bit
+        build on an AVX-512 CPU) or plain torch ops, timed interleaved
+        (chatapp.kernels.choice: torch ops must win clearly, a rival variant by a
+        little). `variant` or $SPECCHAT_KERNEL_VARIANT skip the timing. The step
+        timings go to info.extra["decode_paths_ms"]; each further candidate is
+        a temporary copy of the weights, built only while memory allows it."""
         lm = cls(hf_model, quantize=quantize, info=info, variant=variant)
         if variant is not None or lm._kernels is None or variant_forced():
             return lm
-        if not memory_allows(lm.info.weight_bytes):
+        paths = {lm.path_name: lm}
+        for other in [*rival_variants(lm._kernels.variant()), TORCH]:
+            if not memory_allows(lm.info.weight_bytes * len(paths)):
+                break
+            other_info = dataclasses.replace(lm.info, extra=dict(lm.info.extra))
+            candidate = cls(hf_model, quantize=quantize, info=other_info, variant=other)
+            paths.setdefault(candidate.path_name, candidate)  # a rival that did not build is torch ops
+        if len(paths) == 1:
             lm.info.extra["decode_paths_ms"] = "not timed: too little free memory for a second copy of the weights"
             return lm
-        plain_info = dataclasses.replace(lm.info, extra=dict(lm.info.extra))
-        plain = cls(hf_model, quantize=quantize, info=plain_info, variant=TORCH)
-        paths = {f"CPU kernels ({lm._kernels.variant()})": lm, "torch ops": plain}
-        chosen, medians = faster({name: _decode_step(candidate) for name, candidate in paths.items()})
+        margins = {name: VARIANT_MARGIN for name, path in paths.items() if path._kernels is not None}
+        chosen, medians = faster({name: _decode_step(path) for name, path in paths.items()}, margins=margins)
         paths[chosen].info.extra["decode_paths_ms"] = {name: round(ms, 2) for name, ms in medians.items()}
         return paths[chosen]
+
+    @property
+    def path_name(self) -> str:
+        """Where the decode step runs: "CPU kernels (<variant>)" or "torch ops"."""
+        return f"CPU kernels ({self._kernels.variant()})" if self._kernels is not None else "torch ops"
 
     def _weight_bytes(self) -> int:
         linears = [self.lm_head] + [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]

@@ -391,6 +391,23 @@ def test_the_first_path_stays_unless_another_is_clearly_faster(monkeypatch):
     assert chosen == "kernels"
 
 
+def test_a_rival_variant_needs_only_a_small_margin_and_the_fastest_clear_one_wins():
+    medians = {"avx512": 10.0, "avx2": 9.5, "torch": 9.0}
+    assert choice.pick(medians) == "avx512"  # one margin for all: nobody clears 10%
+    assert choice.pick(medians, margins={"avx2": choice.VARIANT_MARGIN}) == "avx2"
+    assert choice.pick({"avx512": 10.0, "avx2": 9.9, "torch": 9.0}, margins={"avx2": 0.03}) == "avx512"
+    assert choice.pick({"avx512": 10.0, "avx2": 9.5, "torch": 5.0}, margins={"avx2": 0.03}) == "torch"
+
+
+def test_the_rival_of_avx512_is_the_best_256_bit_build():
+    every = frozenset({"avx512f", "avx512bw", "avx2", "fma", "avx_vnni"})
+    if loader.supported_variants(every)[:1] != ["avx512"]:
+        pytest.skip("x86-64 only")
+    assert loader.rival_variants("avx512", every) == ["avxvnni"]
+    assert loader.rival_variants("avx512", every - {"avx_vnni"}) == ["avx2"]
+    assert loader.rival_variants("avx2", every) == [] and loader.rival_variants("portable", every) == []
+
+
 def test_loading_times_both_paths_and_keeps_the_faster(monkeypatch):
     import chatapp.llama as llama
 
@@ -400,10 +417,18 @@ def test_loading_times_both_paths_and_keeps_the_faster(monkeypatch):
         pytest.skip("no kernels here")
     lm = LlamaDecoderLM.from_hf(tiny_model())
     timings = lm.info.extra["decode_paths_ms"]
-    assert set(timings) == {f"CPU kernels ({loader.chosen_variant()})", "torch ops"}
+    rivals = [v for v in loader.rival_variants(loader.chosen_variant()) if cpu_kernels(v) is not None]
+    assert set(timings) == {f"CPU kernels ({v})" for v in [loader.chosen_variant(), *rivals]} | {"torch ops"}
     assert all(ms > 0 for ms in timings.values())
+    assert lm.path_name in timings and lm.path_name in lm.info.implementation
+    if rivals:  # the rival, when it times faster, is the decoder returned
+        rival = f"CPU kernels ({rivals[0]})"
+        monkeypatch.setattr(llama, "faster", lambda candidates, **margins: (rival, dict.fromkeys(candidates, 1.0)))
+        lm = LlamaDecoderLM.from_hf(tiny_model(), quantize="int8-weight-only")
+        assert lm.path_name == rival and lm.info.implementation.endswith(f"({rivals[0]})")
+        assert "int16 activations" in lm.info.dtype
 
-    def torch_wins(candidates):
+    def torch_wins(candidates, **margins):
         for step in candidates.values():
             step()  # the steps really run
         return "torch ops", {name: 1.0 for name in candidates}
@@ -411,13 +436,13 @@ def test_loading_times_both_paths_and_keeps_the_faster(monkeypatch):
     monkeypatch.setattr(llama, "faster", torch_wins)
     lm = LlamaDecoderLM.from_hf(tiny_model(), quantize="int8-weight-only")
     assert lm.info.implementation.endswith("(torch ops)") and "torch fallback" in lm.info.quantization
-    assert lm.info.extra["decode_paths_ms"] == {f"CPU kernels ({loader.chosen_variant()})": 1.0, "torch ops": 1.0}
+    assert lm.info.extra["decode_paths_ms"]["torch ops"] == 1.0
 
 
 def test_a_named_variant_or_little_memory_skips_the_timing(monkeypatch):
     import chatapp.llama as llama
 
-    def never(candidates):
+    def never(candidates, **margins):
         raise AssertionError("timed although the path was given")
 
     monkeypatch.setattr(llama, "faster", never)

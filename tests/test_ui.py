@@ -884,3 +884,14 @@ def test_real_model_speculative_equals_standard_at_t0():
     finally:
         client.close()
         demo.close()
+
+
+def test_the_model_tab_names_the_decode_paths_timed_at_load():
+    from types import SimpleNamespace
+
+    from chatapp.ui.format import decode_paths
+
+    timed = SimpleNamespace(extra={"decode_paths_ms": {"CPU kernels (avx512)": 25.71, "CPU kernels (avx2)": 21.9}})
+    assert decode_paths(timed) == "CPU kernels (avx2) 21.9 ms · CPU kernels (avx512) 25.7 ms"
+    assert decode_paths(SimpleNamespace(extra={"decode_paths_ms": "not timed: too little memory"})).startswith("not")
+    assert decode_paths(SimpleNamespace(extra={})) == "–"

@@ -11,7 +11,10 @@ later starts load it directly:
     avx2      -march=native without AVX-512 and AVX-VNNI, on CPUs with AVX2 + FMA
     portable  no -march: SSE2 on x86-64, NEON on Arm, plain C++ elsewhere
 
-Without an argument the best variant this CPU runs is loaded;
+Without an argument the best variant this CPU runs is loaded, and
+`rival_variants(best)` names the one other variant worth timing against it
+at load (chatapp.llama does): the 256-bit build on an AVX-512 CPU, which
+decodes as fast or faster on some (AMD's Zen 4 runs AVX-512 on 256-bit units);
 $SPECCHAT_KERNEL_VARIANT names another (the tests and the benchmark run the
 AVX2 variant on AVX-512 machines that way), `torch` or
 $SPECCHAT_DISABLE_KERNELS=1 none. Every variant is batch-invariant (see
@@ -92,6 +95,15 @@ def supported_variants(flags: frozenset[str] | None = None) -> list[str]:
     flags = cpu_flags() if flags is None else flags
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return [name for name in VARIANTS if name == "portable" or (x86 and _NEEDS[name] <= flags)]
+
+
+def rival_variants(variant: str, flags: frozenset[str] | None = None) -> list[str]:
+    """The variants worth timing against `variant` on this CPU (best first): on an
+    AVX-512 CPU the best 256-bit one (avxvnni, else avx2); none otherwise (avxvnni
+    and avx2 share their float path, and the portable one is never faster)."""
+    if variant != "avx512":
+        return []
+    return [name for name in supported_variants(flags) if name in ("avxvnni", "avx2")][:1]
 
 
 def chosen_variant() -> str | None:

@@ -245,11 +245,13 @@ inline void prefetch_ahead(const T* w, int64_t step_bytes) {
   for (int l = 0; l < LINES_PER_STEP; ++l) __builtin_prefetch(at + 64 * l, 0, 2);
 }
 #if defined(SPECCHAT_AVX512)
-// 12 x 32 tiles for more rows measured ~15% slower; a single fp32 row streams
-// faster in two 32-column passes than in one of 64 (a decode step 30.1 -> 25.4
-// ms; with four 64-byte lines a step, the loop outran its prefetches).
+// 12 x 32 tiles for more rows measured ~15% slower. A single fp32 row takes
+// the whole panel width in one pass, as the AVX2 build does: two 32-column
+// passes (tried under load 7, where they looked faster) read half of each
+// step's four lines at a time and measured 22.6 ms a step against 20.6 ms on
+// a quiet machine, interleaved in one process.
 constexpr int kFloatRows = 4, kInt8Rows = 4;
-constexpr int float_tile_columns(int rows) { return rows == 1 ? 32 : 64; }
+constexpr int float_tile_columns(int) { return 64; }
 constexpr int int8_tile_columns(int) { return 64; }
 #elif defined(SPECCHAT_AVX2)
 constexpr int kFloatRows = 6, kInt8Rows = 4;
