@@ -10,6 +10,9 @@ deadline drops whole prompts, never single configurations, so the
 comparison stays balanced. Auto-K's tracker starts as a fresh chat session's
 (ChatService.calibrate) and learns per temperature. Summaries, goals and
 files are later stages (summary.py, goals.py, report.py, plots.py).
+
+`warm_up` and `interleaved_runs` take `Slot`s (a configuration on a pair),
+so the variant section (variants.py) runs its pairs through the same loop.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .machine import cpu_contention, cpu_sample, machine_description, peak_rss_b
 from .micro import add_step_bound, context_ids, greedy_sequences, measure_agreement, measure_step_costs, micro_context
 from .options import Options, jsonable
 from .prompts import BenchPrompt
-from .runs import Config, build_configs, describe_k_choice, rotated, run_config
+from .runs import Slot, build_configs, describe_k_choice, rotated, run_slot
 
 MIN_PROMPTS = 2  # a time budget never cuts the runs below this many prompts
 TAIL_RESERVE_S = 30.0  # what a time budget keeps for the micro measurements, the agreement and the files
@@ -68,12 +71,13 @@ def bench(
     timing: dict[str, float] = {}
     cpu_before = cpu_sample()
 
+    slots = [Slot(config, models) for config in configs]
     started = time.perf_counter()
-    _warm_up(models, configs, prompts[0], options, progress)
+    warm_up(slots, prompts[0], options, progress)
     timing["warmup_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    runs, skipped = _interleaved_runs(models, configs, prompts, options, trackers, progress, deadline)
+    runs, skipped = interleaved_runs(slots, prompts, options, trackers, progress, deadline)
     timing["runs_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -114,12 +118,12 @@ def bench(
     }
 
 
-def _warm_up(models: Models, configs: list[Config], prompt: BenchPrompt, options: Options, progress: Progress) -> None:
-    progress(f"warm-up: {len(configs)} configurations, {options.warmup_tokens} tokens each")
-    for config in configs:  # the warm-up's auto-k turns feed a throwaway tracker, not the measured one
-        run_config(
-            models,
-            config,
+def warm_up(slots: Sequence[Slot], prompt: BenchPrompt, options: Options, progress: Progress) -> None:
+    """One short untimed run of every slot (options.warmup_tokens new tokens)."""
+    progress(f"warm-up: {len(slots)} configurations, {options.warmup_tokens} tokens each")
+    for slot in slots:  # the warm-up's auto-k turns feed a throwaway tracker, not the measured one
+        run_slot(
+            slot,
             prompt,
             max_new_tokens=options.warmup_tokens,
             seed=options.seed,
@@ -128,21 +132,21 @@ def _warm_up(models: Models, configs: list[Config], prompt: BenchPrompt, options
         )
 
 
-def _interleaved_runs(
-    models: Models,
-    configs: list[Config],
+def interleaved_runs(
+    slots: Sequence[Slot],
     prompts: Sequence[BenchPrompt],
     options: Options,
     trackers: dict[float, AcceptanceTracker],
     progress: Progress,
     deadline: float | None,
 ) -> tuple[list[dict], list[str]]:
-    """Every prompt in every configuration, rotated per prompt; the records and the prompts skipped."""
+    """Every prompt in every slot, rotated per prompt; the records and the prompts skipped.
+    trackers: per temperature, for auto-k and for the speculative runs' K choice (none: fixed K)."""
     started = time.perf_counter()
     runs: list[dict] = []
     skipped: list[str] = []
     done = 0
-    total = options.repeats * len(prompts) * len(configs)
+    total = options.repeats * len(prompts) * len(slots)
     for repeat in range(options.repeats):
         for index, prompt in enumerate(prompts):
             now = time.perf_counter()
@@ -152,15 +156,14 @@ def _interleaved_runs(
                 continue
             done += 1
             seed = options.seed + 1000 * repeat + index
-            for config in rotated(configs, index + repeat):
-                record = run_config(
-                    models,
-                    config,
+            for slot in rotated(slots, index + repeat):
+                record = run_slot(
+                    slot,
                     prompt,
                     max_new_tokens=options.max_new_tokens,
                     seed=seed,
                     options=options,
-                    tracker=trackers[config.temperature],
+                    tracker=trackers.get(slot.config.temperature),
                 )
                 record["repeat"] = repeat
                 runs.append(record)
@@ -203,7 +206,8 @@ def _run_line(n: int, total: int, r: dict) -> str:
         extra = f", a={r['acceptance_rate']:.2f}"
     if r["mode"] == "auto-k":
         extra += f", {describe_k_choice(r.get('k_choice'))}"
+    variant = f" [{r['variant']}]" if r.get("variant") else ""
     return (
-        f"[{n}/{total}] {r['config']} | {r['prompt_id']}: {r['new_tokens']} tokens in {r['wall_s']:.2f} s "
+        f"[{n}/{total}] {r['config']}{variant} | {r['prompt_id']}: {r['new_tokens']} tokens in {r['wall_s']:.2f} s "
         f"({r['tokens_per_s']:.1f} tok/s{extra})"
     )

@@ -10,6 +10,11 @@ the peak memory and tokens/s. In a record "mode" is the bench's mode (e.g.
 "auto-k") and "decoding" what our engine ran. auto-k takes K from the
 tracker before the run, as the app's service does; when auto K picks K = 0
 the run is standard decoding, recorded with k = 0.
+
+A `Slot` is a configuration on one pair of models: the main runs put every
+configuration on the app's pair, the variant section (variants.py) standard
+and speculative decoding on each CPU kernel variant's pair. `run_slot` runs
+one, its record tagged with the slot's variant.
 """
 
 from __future__ import annotations
@@ -38,6 +43,19 @@ class Config:
     def label(self) -> str:
         k = f" K={self.k}" if self.mode == "speculative" else ""
         return f"{self.mode}{k} T={self.temperature:g}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One configuration on one pair of models: what the interleaved loop runs on every prompt."""
+
+    config: Config
+    models: Models
+    variant: str | None = None  # the pair's CPU kernel variant (the variant section); None: the app's pair
+
+    @property
+    def label(self) -> str:
+        return self.config.label + (f" [{self.variant}]" if self.variant else "")
 
 
 def build_configs(options: Options) -> list[Config]:
@@ -100,6 +118,30 @@ def run_config(
     if record.get("prefill_s") is not None:  # our engine: the rate after the prompt's prefill
         decode = record["wall_s"] - record["prefill_s"]
         record["decode_tokens_per_s"] = record["new_tokens"] / decode if decode > 0 else None
+    return record
+
+
+def run_slot(
+    slot: Slot,
+    prompt: BenchPrompt,
+    *,
+    max_new_tokens: int,
+    seed: int,
+    options: Options,
+    tracker: AcceptanceTracker | None = None,
+) -> dict:
+    """run_config on the slot's pair; the record carries "variant" when the slot has one."""
+    record = run_config(
+        slot.models,
+        slot.config,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        options=options,
+        tracker=tracker,
+    )
+    if slot.variant is not None:
+        record["variant"] = slot.variant
     return record
 
 

@@ -14,9 +14,14 @@ The weight-reading bound of a step is the bytes of weights it reads over the
 memory bandwidth, measured between the same repetitions (the larger of a sum
 and a copy over a 512 MiB tensor, as the benchmark measures it).
 
+`candidates(hf_model, variants)` and `measure_candidates(built, ...)` are the
+two halves of `measure`: the benchmark's variant section
+(chatapp.bench.variants) builds the pairs once, runs whole replies on them
+and times them here, in the same process.
+
 It sits beside the kernels it measures but is a tool on top of the stack: it
-imports chatapp.llama, chatapp.models and chatapp.settings lazily, and
-nothing imports it.
+imports chatapp.llama, chatapp.models and chatapp.settings lazily, and only
+the benchmark imports it.
 """
 
 from __future__ import annotations
@@ -35,11 +40,11 @@ BANDWIDTH_MB = 512
 
 
 def candidates(hf_model, variants: Sequence[str]) -> dict[str, tuple[Any, Any]]:
-    """name -> (fp32 target, int8 draft) for each variant that builds, and torch ops."""
+    """name -> (fp32 target, int8 draft) for each variant that builds, and torch ops (last, once)."""
     from ..llama import INT8, LlamaDecoderLM  # lazy: a tool above the layer it lives in
 
     built = {}
-    for name in [v for v in variants if cpu_kernels(v) is not None] + [TORCH]:
+    for name in [v for v in variants if v != TORCH and cpu_kernels(v) is not None] + [TORCH]:
         target = LlamaDecoderLM(hf_model, variant=name)
         draft = LlamaDecoderLM(hf_model, quantize=INT8, variant=name)
         built[name] = (target, draft)
@@ -82,7 +87,26 @@ def measure(
 ) -> dict:
     """Medians (seconds) of every candidate's jobs, the bandwidth and the weight bounds."""
     variants = supported_variants() if variants is None else list(variants)
-    built = candidates(hf_model, variants)
+    return measure_candidates(
+        candidates(hf_model, variants),
+        reps=reps,
+        context=context,
+        verify=verify,
+        prefill=prefill,
+        bandwidth_mb=bandwidth_mb,
+    )
+
+
+def measure_candidates(
+    built: dict[str, tuple[Any, Any]],
+    *,
+    reps: int = 9,
+    context: int = 100,
+    verify: int = 9,
+    prefill: int = 100,
+    bandwidth_mb: int = BANDWIDTH_MB,
+) -> dict:
+    """`measure` on pairs already built (`candidates`): name -> (target, draft)."""
     jobs = {
         (name, job): fn for name, (t, d) in built.items() for job, fn in _jobs(t, d, context, verify, prefill).items()
     }
