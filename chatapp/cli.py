@@ -86,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="output folder (default: bench-out)")
     bench.add_argument("--quick", action="store_true", help="a run of a few minutes")
     bench.add_argument(
+        "--prompt-limit", type=int, dest="prompt_limit", help="run at most this many prompts (of --prompts' file)"
+    )
+    bench.add_argument(
+        "--variants",
+        action="store_true",
+        help="only the CPU kernel variant section: every variant this CPU runs, end to end and micro",
+    )
+    bench.add_argument(
+        "--no-variants", action="store_true", dest="no_variants", help="leave the variant section out of a full run"
+    )
+    bench.add_argument(
+        "--variant-k", type=int, dest="variant_k", help="the variant section's K (default: the best K at T=0, else 6)"
+    )
+    bench.add_argument(
         "--gpu-check",
         action="store_true",
         dest="gpu_check",

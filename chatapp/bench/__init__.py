@@ -32,11 +32,12 @@ The package, in the order a run goes through it:
     prompts.py    the JSONL prompts (prompts.jsonl), a balanced subset, token ids
     machine.py    CPU, versions, contention, peak memory
     baselines.py  loading the models; transformers generate() / assisted runs
-    runs.py       Config and one run's record (our engine or a baseline)
+    runs.py       Config, Slot (a configuration on a pair) and one run's record (our engine or a baseline)
     micro.py      step costs, bandwidth, weight-reading bound, agreement
     loop.py       the whole bench: warm-up, interleaving, time budget, micro
     summary.py    per-configuration figures, speedups, theory, correctness
     goals.py      the table of thresholds and the five goals' verdicts
+    variants.py   the variant section: every kernel variant's pair end to end, micro, its goals
     report.py     report.md and the headline table
     plots.py      the PNG plots
     command.py    run_bench: all of it, for the CLI
@@ -44,16 +45,17 @@ The package, in the order a run goes through it:
 """
 
 from .baselines import Models, fake_quantize_int8
-from .command import finish, run_bench, write_outputs
+from .command import finish, run_bench, write_outputs, write_variant_outputs
 from .goals import GOALS, Check, Goal, evaluate_goals
 from .gpu_check import run_gpu_check
-from .loop import bench, calibrated_tracker, service_tracker
+from .loop import bench, calibrated_tracker, interleaved_runs, service_tracker, warm_up
 from .micro import measure_agreement, measure_step_costs
 from .options import DEFAULT_OUT, DEFAULT_PROMPTS, HF_MODES, MODES, QUICK, Options, parse_list, resolve_options
 from .prompts import BenchPrompt, encode_prompts, load_prompts, select_prompts
-from .report import headline_from_results, headline_table, write_report
-from .runs import Config, build_configs, rotated, run_config
+from .report import headline_from_results, headline_table, variants_table, write_report, write_variants_report
+from .runs import Config, Slot, build_configs, rotated, run_config, run_slot
 from .summary import best_fixed_k, correctness, paired_vs_standard, speedups, spread, summarize, theory
+from .variants import VARIANT_GOALS, VARIANT_K, evaluate_variant_goals, finish_variants, run_variants, variant_rows
 
 __all__ = [
     "BenchPrompt",
@@ -68,6 +70,9 @@ __all__ = [
     "Models",
     "Options",
     "QUICK",
+    "Slot",
+    "VARIANT_GOALS",
+    "VARIANT_K",
     "bench",
     "best_fixed_k",
     "build_configs",
@@ -75,10 +80,13 @@ __all__ = [
     "correctness",
     "encode_prompts",
     "evaluate_goals",
+    "evaluate_variant_goals",
     "fake_quantize_int8",
     "finish",
+    "finish_variants",
     "headline_from_results",
     "headline_table",
+    "interleaved_runs",
     "load_prompts",
     "measure_agreement",
     "measure_step_costs",
@@ -89,12 +97,19 @@ __all__ = [
     "run_bench",
     "run_config",
     "run_gpu_check",
+    "run_slot",
+    "run_variants",
     "select_prompts",
     "service_tracker",
     "speedups",
     "spread",
     "summarize",
     "theory",
+    "variant_rows",
+    "variants_table",
+    "warm_up",
     "write_outputs",
     "write_report",
+    "write_variant_outputs",
+    "write_variants_report",
 ]

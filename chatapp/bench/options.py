@@ -6,6 +6,12 @@ top of the full defaults or `QUICK`, and the sampling settings of
 settings.toml. Bad flags raise ValueError with a one-line message naming the
 flag; the limits are the app's own (chatapp.settings). Knows nothing about
 models or measurements.
+
+The variant section (variants.py: every CPU kernel variant end to end) runs
+in a full bench unless --no-variants, alone with --variants, and not in a
+--quick run unless asked for. It has its own, smaller prompt count and reply
+length, which --prompt-limit and --max-new-tokens override as they do the
+main runs'.
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ class Options:
     top_p: float = 1.0
     system_prompt: str | None = None
     seed: int = 0
+    variants: bool = True  # run the variant section (variants.py)
+    variants_only: bool = False  # `--variants`: only that section
+    variant_k: int | None = None  # its speculative K; None: the main runs' best K at T=0, else variants.VARIANT_K
+    variant_prompt_limit: int = 6
+    variant_max_new_tokens: int = 64
 
 
 # `--quick`: a smoke test of a few minutes (report.py judges it against goals.GOALS["quick_run_s"]).
@@ -55,6 +66,9 @@ QUICK = {
     "micro_reps": 7,
     "bandwidth_mb": 512,
     "time_budget_s": 285.0,
+    "variants": False,  # the quick budget has no room for it; `--quick --variants` runs it alone, this small
+    "variant_prompt_limit": 4,
+    "variant_max_new_tokens": 48,
 }
 
 
@@ -86,6 +100,19 @@ def _check(modes: tuple[str, ...], ks: tuple[int, ...], temperatures: tuple[floa
         raise ValueError(f"--temperature: every temperature must be in 0..{TEMPERATURE_MAX:g}")
 
 
+def _variant_flags(args) -> tuple[bool, bool, int | None, int | None]:
+    """(--variants, --no-variants, --variant-k, --prompt-limit), checked."""
+    only, off = bool(getattr(args, "variants", False)), bool(getattr(args, "no_variants", False))
+    if only and off:
+        raise ValueError("--variants runs only the variant section and --no-variants leaves it out: choose one")
+    variant_k, limit = getattr(args, "variant_k", None), getattr(args, "prompt_limit", None)
+    if variant_k is not None and not K_MIN <= variant_k <= K_MAX:
+        raise ValueError(f"--variant-k must be in {K_MIN}..{K_MAX}, got {variant_k}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--prompt-limit must be >= 1, got {limit}")
+    return only, off, variant_k, limit
+
+
 def resolve_options(settings, args) -> Options:
     """Options from the CLI flags (args) on top of the quick or full defaults and the settings."""
     quick = bool(getattr(args, "quick", False))
@@ -94,10 +121,12 @@ def resolve_options(settings, args) -> Options:
     temps = parse_list(getattr(args, "temperature", None), float, "temperature") or base.temperatures
     modes = parse_list(getattr(args, "modes", None), str, "modes") or base.modes
     _check(modes, ks, temps)
-    max_new = getattr(args, "max_new_tokens", None) or base.max_new_tokens
+    explicit_max_new = getattr(args, "max_new_tokens", None)
+    max_new = explicit_max_new or base.max_new_tokens
     repeats = getattr(args, "repeats", None) or base.repeats
     if max_new < 1 or repeats < 1:
         raise ValueError("--max-new-tokens and --repeats must be >= 1")
+    variants_only, no_variants, variant_k, prompt_limit = _variant_flags(args)
     decoding = settings.decoding
     return Options(
         prompts_path=Path(getattr(args, "prompts", None) or DEFAULT_PROMPTS).expanduser(),
@@ -108,7 +137,7 @@ def resolve_options(settings, args) -> Options:
         repeats=int(repeats),
         out=Path(getattr(args, "out", None) or DEFAULT_OUT).expanduser(),
         quick=quick,
-        prompt_limit=base.prompt_limit,
+        prompt_limit=prompt_limit or base.prompt_limit,
         warmup_tokens=min(base.warmup_tokens, int(max_new)),
         micro_reps=base.micro_reps,
         bandwidth_mb=base.bandwidth_mb,
@@ -117,6 +146,11 @@ def resolve_options(settings, args) -> Options:
         top_p=decoding.top_p,
         system_prompt=decoding.system_prompt or None,
         seed=decoding.seed,
+        variants=variants_only or (base.variants and not no_variants),
+        variants_only=variants_only,
+        variant_k=variant_k,
+        variant_prompt_limit=prompt_limit or base.variant_prompt_limit,
+        variant_max_new_tokens=int(explicit_max_new or base.variant_max_new_tokens),
     )
 
 

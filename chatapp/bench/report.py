@@ -6,8 +6,11 @@ ran, the machine, the models, the headline table, every goal with its checks
 and reasons, every configuration, the micro costs, measured vs theoretical
 speedup, greedy correctness, auto K's final choice, and the plots.
 `headline_table` is also what the command prints and what the README
-carries (`headline_from_results`). Reads dicts only; computes no figure
-beyond ratios for display.
+carries (`headline_from_results`). `variants_table` is the variant
+section's table (variants.py), printed and in report.md with the section's
+micro table and goals (`variants_section`); `write_variants_report` writes a
+report of that section alone (`bench --variants`). Reads dicts only;
+computes no figure beyond ratios for display.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import megabytes
+from ..kernels.measure import format_table
 from .goals import GOALS, Check, ms
 from .options import DEFAULT_OUT, MODES
 from .runs import describe_k_choice
@@ -101,6 +105,8 @@ def write_report(result: dict, path: Path, plots: Sequence[Path] = ()) -> Path:
     out += _theory_section(result["theory"])
     out += _correctness_section(result.get("correctness", {}))
     out += _auto_k_section(result.get("auto_k_final"))
+    if result.get("variants"):
+        out += variants_section(result["variants"])
     if plots:
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path.write_text("\n".join(out), encoding="utf-8")
@@ -311,3 +317,94 @@ def _auto_k_section(final: dict | None) -> list[str]:
     lines = ["## Auto-K trackers at the end", ""]
     lines += [f"- T={t}: {describe_k_choice(choice)}" for t, choice in final.items()]
     return lines + [""]
+
+
+def _x(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}×"
+
+
+def _tps(value: float | None, ratio: float | None) -> str:
+    return "–" if value is None else f"{value:.1f} ({_x(ratio)})"
+
+
+def variants_table(section: dict) -> str:
+    """The variant section's markdown table: one row per variant, with the shared baseline under it."""
+    if section.get("skipped"):
+        return f"Variant section not run: {section['skipped']}.\n"
+    micro, k = section["micro"], section["k"]
+    lines = [
+        f"| variant (ISA) | standard tok/s (× generate) | speculative K={k} tok/s (× standard) | acceptance a "
+        f"| greedy equal | target step × bound | draft step × bound | verify {micro['verify_tokens']} / step "
+        f"| prefill {micro['prefill_tokens']} ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in section["rows"].items():
+        equal = row["greedy_equal"]
+        a = row["acceptance"]
+        lines.append(
+            f"| {name} ({row['isa']}) | {_tps(row['standard_tokens_per_s'], row['standard_vs_hf'])} "
+            f"| {_tps(row['speculative_tokens_per_s'], row['speculative_vs_standard'])} "
+            f"| {'–' if a is None else f'{a:.2f}'} "
+            f"| {'yes' if equal['equal'] else 'NO'} ({equal['same']}/{equal['runs']}) "
+            f"| {_x(row['target_step_vs_bound'])} | {_x(row['draft_step_vs_bound'])} "
+            f"| {_x(row['verify_vs_step'])} | {row['prefill_s'] * 1e3:.1f} |"
+        )
+    hf = next(iter(section["rows"].values()), {}).get("hf_generate_tokens_per_s")
+    lines += [
+        "",
+        f"hf-generate (transformers generate(), the shared baseline): {'–' if hf is None else f'{hf:.1f}'} tok/s. "
+        f"{len(section['prompts'])} prompts × {section['max_new_tokens']} new tokens max, T=0; tokens/s are medians "
+        "over the prompts of whole replies with their prefill. Step costs are micro medians of "
+        f"{micro['reps']} reps; bounds: target {micro['target_bound_s'] * 1e3:.2f} ms, draft "
+        f"{micro['draft_bound_s'] * 1e3:.2f} ms at {micro['bandwidth_gb_s']:.1f} GB/s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _load_line(machine: dict) -> str:
+    start, end = machine.get("load_average_start"), machine.get("load_average_end")
+    text = ""
+    if start and end:
+        text = f"Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in start)} at the start, "
+        text += f"{'/'.join(f'{x:.1f}' for x in end)} at the end. "
+    share = machine.get("cpu_share")
+    if share:
+        text += (
+            f"CPU capacity: {share['ours']:.0%} this bench, {share['others']:.0%} other processes, "
+            f"{share['steal']:.0%} stolen."
+        )
+    return text
+
+
+def variants_section(section: dict) -> list[str]:
+    """report.md's section on the CPU kernel variants: how it ran, the table, the micro table, the goals."""
+    out = ["## CPU kernel variants", ""]
+    if section.get("skipped"):
+        return out + [variants_table(section)]
+    timing = section["timing"]
+    out += [
+        f"Measured {section['measured_at']} in {timing['total_s']:.0f} s, in one process: each variant's fp32 "
+        f"target and {section['draft']}, built from the same transformers model; per prompt standard and "
+        f"speculative K={section['k']} decoding on every variant and hf-generate once, interleaved (order rotated "
+        "per prompt) after one warm-up run each, fresh caches every run. " + _load_line(section["machine"]),
+        "",
+    ]
+    if section["not_built"]:
+        out += [f"Not built here (no compiler support): {', '.join(section['not_built'])}.", ""]
+    out += [variants_table(section), "### Micro step costs per variant", "", format_table(section["micro"]), ""]
+    out += ["### Variant goals", ""]
+    for goal in section["goals"]:
+        out.append(f"- {goal['goal']}. {goal['title']}: {goal['status']}")
+        out += ["  - " + Check.from_dict(check).text() for check in goal["checks"]]
+        out += [f"  - Why: {line}" for line in goal["explanation"]]
+    return out + [""]
+
+
+def write_variants_report(section: dict, path: Path) -> Path:
+    """report.md of a `bench --variants` run: the variant section alone."""
+    machine = section.get("machine", {})
+    head = ["# CPU kernel variants benchmark", ""]
+    if machine.get("cpu"):
+        head += [f"CPU: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}.", ""]
+    path.write_text("\n".join(head + variants_section(section)), encoding="utf-8")
+    return path
