@@ -209,13 +209,20 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .kernels import cpu_kernels
+    from .kernels import cpu_kernels, rival_variants
     from .models import ensure_embedded_model
 
     started = time.perf_counter()
     print(f"embedded model: {ensure_embedded_model()}", file=sys.stderr)
+    kernels = cpu_kernels()
+    # The rival variant too: the app times it against the best at every load (chatapp.llama.from_hf).
+    built = (
+        [kernels.variant()] + [v for v in rival_variants(kernels.variant()) if cpu_kernels(v) is not None]
+        if kernels
+        else []
+    )
     print(
-        f"CPU kernels: {'ready' if cpu_kernels() is not None else 'unavailable (torch ops fallback)'}", file=sys.stderr
+        f"CPU kernels: {', '.join(built) + ' ready' if built else 'unavailable (torch ops fallback)'}", file=sys.stderr
     )
     print(f"prepared in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
