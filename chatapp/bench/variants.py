@@ -36,7 +36,7 @@ from ..kernels import TORCH, measure, supported_variants
 from ..llama import supports
 from ..models import Progress
 from .baselines import Models
-from .goals import Check, Goal, ms
+from .goals import EVERY_VARIANT, VARIANT_GOALS, Check, Goal, ms
 from .loop import interleaved_runs, warm_up
 from .machine import cpu_contention, cpu_sample, machine_description
 from .options import Options
@@ -68,20 +68,6 @@ METRICS: dict[str, tuple[str, bool]] = {
     "draft_step_vs_bound": ("draft step / its weight-reading bound", False),
     "verify_vs_step": (f"verify of {VERIFY_TOKENS} tokens / 1-token step", False),
     "prefill_vs_avx512": (f"prefill of {PREFILL_TOKENS} tokens / avx512's", False),
-}
-
-EVERY_VARIANT = "every variant"
-# The issue's targets per variant (2 cores, T=0); the only place these thresholds live.
-VARIANT_GOALS: dict[str, dict[str, float]] = {
-    "avx2": {
-        "standard_vs_hf": 2.5,
-        "target_step_vs_bound": 1.3,
-        "speculative_vs_standard": 1.6,
-        "prefill_vs_avx512": 2.0,
-    },
-    "avx512": {"draft_step_vs_bound": 1.3, "verify_vs_step": 1.3, "speculative_vs_standard": 2.2},
-    # On no CPU is any mode slower than transformers generate() with the same model: torch ops included.
-    EVERY_VARIANT: {"standard_vs_hf": 1.0, "speculative_vs_hf": 1.0},
 }
 
 
