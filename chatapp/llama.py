@@ -31,6 +31,7 @@ from .lm import ModelInfo, as_id_tensor, weights_origin
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 INT8 = "int8-weight-only"
+VERIFY_TOKENS = 9  # the target's timed verify at load: K + 1 for the default K of 8
 
 
 def supports(config) -> bool:
@@ -219,13 +220,14 @@ class LlamaDecoderLM:
     def from_hf(
         cls, hf_model, *, quantize: str | None = None, info: ModelInfo | None = None, variant: str | None = None
     ) -> LlamaDecoderLM:
-        """The decoder on the path that runs one decode step of this model fastest
-        here: the kernel variant chatapp.kernels chooses, its rival (the 256-bit
-        build on an AVX-512 CPU) or plain torch ops, timed interleaved
-        (chatapp.kernels.choice: torch ops must win clearly, a rival variant by a
-        little). `variant` or $SPECCHAT_KERNEL_VARIANT skip the timing. The step
-        timings go to info.extra["decode_paths_ms"]; each further candidate is
-        a temporary copy of the weights, built only while memory allows it."""
+        """The decoder on the path that runs this model's work fastest here: the
+        kernel variant chatapp.kernels chooses, its rival (the 256-bit build on
+        an AVX-512 CPU) or plain torch ops, timed interleaved on a draft's step
+        or a target's step plus verify (_decode_step); torch ops must win
+        clearly, a rival variant by a little (chatapp.kernels.choice).
+        `variant` or $SPECCHAT_KERNEL_VARIANT skip the timing. The timings go
+        to info.extra["decode_paths_ms"]; each further candidate is a temporary
+        copy of the weights, built only while memory allows it."""
         lm = cls(hf_model, quantize=quantize, info=info, variant=variant)
         if variant is not None or lm._kernels is None or variant_forced():
             return lm
@@ -356,12 +358,18 @@ class LlamaDecoderLM:
         return out.transpose(0, 1).contiguous()
 
 
-def _decode_step(lm: LlamaDecoderLM, context: int = 32):
-    """One decode step of `lm` at the end of a prefilled context, as a call to time."""
-    context = min(context, lm.max_positions - 1)
-    cache = lm.new_cache(context + 1)
+def _decode_step(lm: LlamaDecoderLM, context: int = 32, verify: int = VERIFY_TOKENS):
+    """What to time of `lm` at the end of a prefilled context: a draft (int8) runs 1-token steps
+    only; a target runs one step and one verify of `verify` tokens (a speculative round's check),
+    whose costs differ by variant (256-bit builds verify 9 tokens at ~1.7 steps, AVX-512 at ~1.2)."""
+    context = min(context, lm.max_positions - verify)
+    cache = lm.new_cache(context + verify)
     lm.forward([i % lm.vocab_size for i in range(context)], 0, cache, logits=False)
-    return lambda: lm.forward([1 % lm.vocab_size], context, cache)
+    step = [1 % lm.vocab_size]
+    if lm.embed is None:  # the int8 draft
+        return lambda: lm.forward(step, context, cache)
+    block = [(1 + i) % lm.vocab_size for i in range(verify)]
+    return lambda: (lm.forward(step, context, cache), lm.forward(block, context, cache))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -249,7 +249,7 @@ def _model_table(target: Any, draft: Any) -> str:
         ("Parameters", params(target.parameters), params(draft.parameters)),
         ("Weight memory", megabytes(target.weight_bytes), megabytes(draft.weight_bytes)),
         ("Implementation", target.implementation, draft.implementation),
-        ("Decode step at load", decode_paths(target), decode_paths(draft)),
+        ("Timed at load (target: step + verify of 9)", decode_paths(target), decode_paths(draft)),
     ]
     return "| | Target (verifies) | Draft (proposes) |\n|---|---|---|\n" + "\n".join(
         f"| **{name}** | {cell(t)} | {cell(d)} |" for name, t, d in rows
