@@ -120,6 +120,9 @@ class ServerSettings:
     max_queue: int = 32  # requests that may wait for a reply; past it a client is told the server is busy
     allow_remote_images: bool = False  # Markdown images from other addresses load in the chat (a tracking channel)
     openai_api: bool = False  # serve the OpenAI-compatible /v1/chat/completions too
+    # Keep conversations on disk and list them beside the chat: "on", "off", or "auto" = on only for a server
+    # that this machine alone reaches (chatapp.ui.conversations_panel.saves_conversations).
+    save_conversations: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ _RULES: dict[str, _Rule] = {
     "decoding.seed": _between(0, SEED_MAX),
     "server.port": _between(1, 65535),
     "server.max_queue": _between(1, 10_000),
+    "server.save_conversations": _one_of("auto", "on", "off"),
     "limits.max_reply_seconds": _between(0, 86_400),
 }
 

@@ -157,6 +157,8 @@ def test_empty_file_gives_defaults(write_toml):
         ("[server]\nport = 70000\n", ["server.port = 70000", "out of range 1..65535"]),
         ("[server]\nport = '7860'\n", ["server.port", "must be an integer"]),
         ("[server]\nopen_browser = 'no'\n", ["server.open_browser", "must be a boolean"]),
+        ("[server]\nsave_conversations = 'yes'\n", ["server.save_conversations", '"yes"', "auto|on|off"]),
+        ("[server]\nsave_conversations = true\n", ["server.save_conversations", "must be a string"]),
         ("[model]\ndevice = 'tpu'\n", ["model.device", "auto|cpu|cuda"]),
         ("[model]\ntarget_dtype = 'int4'\n", ["model.target_dtype", "bfloat16"]),
         ("[model]\ndraft_quantization = 'int4'\n", ["model.draft_quantization", "int8-weight-only"]),
