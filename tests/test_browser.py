@@ -14,12 +14,14 @@ import functools
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 from fake_engine import FakeService, fake_loader
 
 from chatapp import ui
+from chatapp.conversations import ConversationStore
 from chatapp.settings import DEFAULT_SETTINGS_PATH, load_settings, with_overrides
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
@@ -47,10 +49,12 @@ def _chromium() -> str:
 
 @contextlib.contextmanager
 def _served_page(service, settings, loader=None):
-    """A Chromium page on the app serving `service`, on 127.0.0.1; all stopped after."""
+    """A Chromium page on the app serving `service`, on 127.0.0.1, saving its conversations in a folder of its
+    own; all stopped (and removed) after."""
     executable = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    demo = ui.build_app(service, settings, loader=loader)
+    conversations = tempfile.TemporaryDirectory(prefix="specchat-test-conversations-")
+    demo = ui.build_app(service, settings, loader=loader, conversations=ConversationStore(conversations.name))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -67,6 +71,7 @@ def _served_page(service, settings, loader=None):
                 browser.close()
     finally:
         demo.close()
+        conversations.cleanup()
 
 
 @pytest.fixture
@@ -119,6 +124,10 @@ def test_chat_in_the_browser(page):
     assert tokens.is_visible()
     assert "Speculative" in tokens.inner_text() and "draft" in tokens.inner_text()
     assert box.input_value() == ""
+    # Saved and listed beside the chat, titled by its first message; the list, locked while a reply was
+    # generated, is unlocked once the reply is saved.
+    _wait_text(page, "#conversation-list", "How does speculative decoding work?")
+    page.wait_for_function("() => !document.querySelector('#conversation-list input').disabled")
 
     _screenshot(page, "browser-chat.png")
 
@@ -132,10 +141,11 @@ def test_chat_in_the_browser(page):
     _screenshot(page, "browser-stats.png")
     _wait_text(page, "#turns-table", "speculative")
 
-    # The chat is kept in the browser: a reload brings it back.
+    # The chat is saved: a reload brings it back from disk, selected in the list.
     page.reload()
     _wait_text(page, "#chatbot", "identical to the target")
     _wait_text(page, "#turn-stats", "acceptance")
+    page.locator("#conversation-list input:checked").wait_for(state="attached")
 
 
 def _stop_shows_while_generating(page) -> None:
@@ -189,6 +199,7 @@ def test_chat_controls_in_the_browser():
         page.wait_for_function("() => document.querySelector('#chat-input textarea').value.includes('edited')")
         assert box.input_value() == "An edited first question"
         page.locator("#chatbot .example").first.wait_for(state="visible")  # the chat is empty again
+        _wait_text(page, "#conversation-list", "New conversation")  # saved so (no title without a message)
         page.reload()  # and stays so
         page.locator("#chatbot .example").first.wait_for(state="visible")
 

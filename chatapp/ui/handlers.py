@@ -1,5 +1,6 @@
 """What the app does when it is used: chat, regenerate, stop, clear, restore,
-compare, the Stats tab and the Model tab.
+compare, the Stats tab and the Model tab (the saved conversations' panel is
+conversations_panel's).
 
 Contract: `Handlers(handle, settings)` holds what outlives a call (the
 service handle, the per-browser sessions, the token-piece cache, the
@@ -232,9 +233,17 @@ class Handlers:
         """Show the chat stored in the browser (on page load). What cannot be read is left out (a reply
         whose record is unreadable keeps its text); should showing it fail, the stored chat stays as it is."""
         try:
-            return self._chat_view(clean_state(chat_state)["messages"], tokens=[], notice="")
+            return self.show(clean_state(chat_state)["messages"])
         except Exception as error:
             return self.chat_out(notice=f"⚠ Could not show the saved chat: {one_line(error)}")
+
+    def show(self, messages: list[dict], notice: str = "") -> tuple:
+        """Every chat output for a conversation opened from elsewhere (a saved one: conversations_panel)."""
+        return self._chat_view(messages, tokens=[], notice=notice)
+
+    def replying(self, request: gr.Request = None) -> bool:
+        """Whether this browser session has a reply being generated."""
+        return self.sessions.get(request).turn is not None
 
     # --- the chat's own controls: undo, edit, examples (its retry is regenerate) ----------------
 

@@ -1,7 +1,7 @@
 """The page: the Blocks layout and which handler each event calls.
 
-Contract: `build_app(service_or_factory, settings, loader=None)` returns the gr.Blocks
-(not launched; launch.launch_app adds the theme and CSS). The models are
+Contract: `build_app(service_or_factory, settings, loader=None, conversations=None)` returns
+the gr.Blocks (not launched; launch.launch_app adds the theme and CSS). The models are
 reached only through the service handle that the handlers hold, so tests
 can pass a scripted fake; `service_or_factory` is a ChatService-like object,
 a ServiceHandle, or `factory(progress) -> service` (loaded in a background
@@ -13,6 +13,14 @@ they sit and what triggers what. API names: /chat (the plain one, for other
 programs: chatapp.ui.api), /send (the page's own chat, with the browser
 state), /regenerate, /stop, /clear, /compare, /restore, /stats, /model_info;
 undocumented: /undo and /load_model (the page's own controls).
+
+Where this server keeps conversations (conversations_panel.saves_conversations:
+settings.server.save_conversations), the Chat tab has the saved conversations'
+panel beside the chat, over one ConversationStore per app: `conversations`,
+or the data folder's (chatapp.paths: SPECCHAT_DATA_DIR). Elsewhere there is
+no panel and no store, and nothing is written. The panel's events are private
+(no API names) and never queued; the saves follow the events that change the
+chat (`.then`), so the chat's own outputs and API stay as they are.
 
 All generation shares one queue slot (concurrency id GENERATION), so waiting
 users see their position in the queue; the queue holds at most
@@ -31,9 +39,23 @@ import gradio as gr
 import pandas as pd
 
 from .. import zerogpu
+from ..conversations import ConversationStore
 from ..paths import state_secret
 from ..settings import MESSAGE_CHARS_MAX, Settings, load_settings
 from .api import add_chat_api
+from .conversations_panel import (
+    ASK_DELETE_OUTPUTS,
+    CANCEL_DELETE_OUTPUTS,
+    DELETE_OUTPUTS,
+    LOCK_JS,
+    LOCKED,
+    OPEN_OUTPUTS,
+    REPLY_DONE_OUTPUTS,
+    SAVE_OUTPUTS,
+    ConversationPanel,
+    build_panel,
+    saves_conversations,
+)
 from .format import COMPARE_COLUMNS, NO_STATS, PICKER_OFF, SPEEDUP_METHOD, model_markdown, model_status_line
 from .handle import ServiceHandle
 from .handlers import (
@@ -88,11 +110,20 @@ COMPARE_INTRO = (
 )
 
 
-def build_app(service_or_factory: Any, settings: Settings | None = None, *, loader: Loader | None = None) -> gr.Blocks:
+def build_app(
+    service_or_factory: Any,
+    settings: Settings | None = None,
+    *,
+    loader: Loader | None = None,
+    conversations: ConversationStore | None = None,
+) -> gr.Blocks:
     """The Blocks app (see the module docstring)."""
     settings = settings if settings is not None else load_settings()
     handle = ServiceHandle.of(service_or_factory)
     handlers = Handlers(handle, settings, loader)
+    panel = None
+    if saves_conversations(settings.server):
+        panel = ConversationPanel(conversations if conversations is not None else ConversationStore(), handlers)
     with gr.Blocks(title="SpecChat · speculative decoding", analytics_enabled=False, fill_width=True) as demo:
         page = {"state": gr.BrowserState(EMPTY_STATE, storage_key=STORAGE_KEY, secret=state_secret())}
         sidebar = build_sidebar(settings.decoding)
@@ -100,68 +131,77 @@ def build_app(service_or_factory: Any, settings: Settings | None = None, *, load
             gr.Markdown(INTRO)
             page["status"] = gr.Markdown(model_status_line(handle), elem_id="model-status")
         with gr.Tabs():
-            page.update(_chat_tab())
+            page.update(_chat_tab(with_panel=panel is not None))
             page.update(_stats_tab(handle))
             page.update(_compare_tab())
             page.update(_model_tab(handle, settings))
         page["timer"] = gr.Timer(1.0, active=handle.status == "loading")
-        demo.specchat_chat_event = _wire(demo, page, sidebar, handlers, settings)
+        demo.specchat_chat_event = _wire(demo, page, sidebar, handlers, settings, panel)
         demo.queue(default_concurrency_limit=1, max_size=settings.server.max_queue)
     handle.slot.max_waiting = settings.server.max_queue  # for requests from outside the queue (OpenAI API)
     demo.specchat_handle, demo.specchat_settings = handle, settings  # for tests, launch_app and serve()
-    demo.specchat_handlers = handlers  # for tests
+    demo.specchat_handlers, demo.specchat_conversations = handlers, panel  # for tests
     return demo
 
 
-def _chat_tab() -> dict[str, Any]:
-    with gr.Tab("Chat", id="chat"):
-        chatbot = gr.Chatbot(
-            label="Chat",
+def _chat_tab(with_panel: bool) -> dict[str, Any]:
+    """The chat, with the saved conversations' panel on its left (above it on a narrow screen) when there
+    is one."""
+    with gr.Tab("Chat", id="chat"), gr.Row(equal_height=False):
+        panel = {}
+        if with_panel:
+            with gr.Column(scale=1, min_width=240, elem_id="conversations-column"):
+                panel = build_panel()
+        with gr.Column(scale=4, min_width=360, elem_id="chat-column"):
+            return {**panel, **_chat_column()}
+
+
+def _chat_column() -> dict[str, Any]:
+    chatbot = gr.Chatbot(
+        label="Chat",
+        show_label=False,
+        height=460,
+        elem_id="chatbot",
+        render_markdown=True,
+        buttons=["copy", "copy_all"],
+        feedback_options=None,
+        editable="user",
+        placeholder="**Ask anything.** Replies stream round by round; the stats and the "
+        "colored token view below show what the draft contributed.",
+        examples=[{"text": prompt} for prompt in EXAMPLE_PROMPTS],
+    )
+    notice = gr.Markdown("", elem_id="chat-notice")
+    with gr.Row(equal_height=True):
+        message = gr.Textbox(
+            placeholder="Type a message and press Enter (Shift+Enter for a new line)",
             show_label=False,
-            height=460,
-            elem_id="chatbot",
-            render_markdown=True,
-            buttons=["copy", "copy_all"],
-            feedback_options=None,
-            editable="user",
-            placeholder="**Ask anything.** Replies stream round by round; the stats and the "
-            "colored token view below show what the draft contributed.",
-            examples=[{"text": prompt} for prompt in EXAMPLE_PROMPTS],
+            lines=1,
+            max_lines=10,
+            scale=8,
+            elem_id="chat-input",
+            autofocus=True,
+            max_length=MESSAGE_CHARS_MAX,
         )
-        notice = gr.Markdown("", elem_id="chat-notice")
-        with gr.Row(equal_height=True):
-            message = gr.Textbox(
-                placeholder="Type a message and press Enter (Shift+Enter for a new line)",
-                show_label=False,
-                lines=1,
-                max_lines=10,
-                scale=8,
-                elem_id="chat-input",
-                autofocus=True,
-                max_length=MESSAGE_CHARS_MAX,
-            )
-            send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="send-btn")
-            # In Send's place while a reply is generated (see _stop_while_generating).
-            stop = gr.Button("■ Stop", variant="stop", scale=1, min_width=90, elem_id="stop-btn", visible=False)
-        with gr.Row():
-            regenerate = gr.Button("↻ Regenerate", variant="secondary", size="sm", elem_id="regenerate-btn")
-            clear = gr.Button("✕ Clear", variant="secondary", size="sm", elem_id="clear-btn")
-        stats = gr.Markdown(NO_STATS, elem_id="turn-stats")
-        with gr.Accordion(
-            "ℹ How the speedup and the first-token time are measured", open=False, elem_id="speedup-method"
-        ):
-            gr.Markdown(SPEEDUP_METHOD)
-        tokens = gr.HighlightedText(
-            value=[],
-            label="Tokens of the last reply, by origin",
-            color_map=SOURCE_COLORS,
-            show_legend=True,
-            show_inline_category=False,
-            combine_adjacent=False,
-            elem_id="token-view",
-        )
-        gr.HTML(_token_legend())
-        resend = gr.State(0)  # bumped by an edit or an example: sends the input box (see _wire)
+        send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="send-btn")
+        # In Send's place while a reply is generated (see _stop_while_generating).
+        stop = gr.Button("■ Stop", variant="stop", scale=1, min_width=90, elem_id="stop-btn", visible=False)
+    with gr.Row():
+        regenerate = gr.Button("↻ Regenerate", variant="secondary", size="sm", elem_id="regenerate-btn")
+        clear = gr.Button("✕ Clear", variant="secondary", size="sm", elem_id="clear-btn")
+    stats = gr.Markdown(NO_STATS, elem_id="turn-stats")
+    with gr.Accordion("ℹ How the speedup and the first-token time are measured", open=False, elem_id="speedup-method"):
+        gr.Markdown(SPEEDUP_METHOD)
+    tokens = gr.HighlightedText(
+        value=[],
+        label="Tokens of the last reply, by origin",
+        color_map=SOURCE_COLORS,
+        show_legend=True,
+        show_inline_category=False,
+        combine_adjacent=False,
+        elem_id="token-view",
+    )
+    gr.HTML(_token_legend())
+    resend = gr.State(0)  # bumped by an edit or an example: sends the input box (see _wire)
     return dict(
         chatbot=chatbot,
         notice=notice,
@@ -331,19 +371,23 @@ def _pick(page: dict[str, Any], names: tuple[str, ...]) -> list:
     return [page[name] for name in names]
 
 
-def _stop_while_generating(page: dict[str, Any], h: Handlers) -> Callable[[list], None]:
-    """Stop stands in Send's place while a reply is generated: swapped in the browser as soon as one is
-    asked for, and back by the server when it has ended, however it ended. Call it before the generating
-    events are wired (the browser runs a trigger's listeners in order), and what it returns after, with them."""
-    buttons = [page["send"], page["stop"]]
-    starts = [
+def _generating_starts(page: dict[str, Any]) -> list:
+    """The triggers that ask for a reply."""
+    return [
         page["send"].click,
         page["message"].submit,
         page["resend"].change,
         page["regenerate"].click,
         page["chatbot"].retry,
     ]
-    gr.on(starts, None, None, buttons, js=BUSY_JS, api_visibility="private", queue=False)
+
+
+def _stop_while_generating(page: dict[str, Any], h: Handlers) -> Callable[[list], None]:
+    """Stop stands in Send's place while a reply is generated: swapped in the browser as soon as one is
+    asked for, and back by the server when it has ended, however it ended. Call it before the generating
+    events are wired (the browser runs a trigger's listeners in order), and what it returns after, with them."""
+    buttons = [page["send"], page["stop"]]
+    gr.on(_generating_starts(page), None, None, buttons, js=BUSY_JS, api_visibility="private", queue=False)
 
     def when_done(generating: list) -> None:
         for event in generating:
@@ -352,7 +396,14 @@ def _stop_while_generating(page: dict[str, Any], h: Handlers) -> Callable[[list]
     return when_done
 
 
-def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Handlers, settings: Settings):
+def _wire(
+    demo: gr.Blocks,
+    page: dict[str, Any],
+    sidebar: dict[str, Any],
+    h: Handlers,
+    settings: Settings,
+    panel: ConversationPanel | None,
+):
     """Connect the events to the handlers; returns the chat event (for tests)."""
     # One slot for every model call; the queue shows waiting users their position on the chat / the panes.
     slot = dict(concurrency_limit=1, concurrency_id=GENERATION)
@@ -367,13 +418,15 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
     # An edited user message, or an example clicked on the empty chat, goes to the input box; then the
     # `resend` counter's change sends it as the Send button would.
     # (Queued: a gr.State's change is only signalled through the queue.)
-    page["chatbot"].edit(
+    edit_event = page["chatbot"].edit(
         h.edit, [page["state"], page["chatbot"], page["resend"]], [*chat_out, page["resend"]], api_visibility="private"
     )
     page["chatbot"].example_select(
         h.example, [page["resend"]], [page["message"], page["resend"]], api_visibility="private"
     )
     stop_shown_until = _stop_while_generating(page, h)
+    if panel is not None:  # locked from the click that asks for a reply (see conversations_panel)
+        gr.on(_generating_starts(page), None, None, _pick(page, LOCKED), js=LOCK_JS, **hidden)
     chat = decoding_endpoint(zerogpu.gpu_reply()(h.chat), h.refuse_chat, settings, ("message", "chat_state"))
     chat_event = gr.on(
         [page["send"].click, page["message"].submit, page["resend"].change],
@@ -397,11 +450,13 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
         **gen,
     )
     page["stop"].click(h.stop, None, page["notice"], api_name="stop", **quick)
-    page["chatbot"].undo(h.undo, [page["state"]], chat_out, api_name="undo", api_visibility="undocumented", queue=False)
+    undo_event = page["chatbot"].undo(
+        h.undo, [page["state"]], chat_out, api_name="undo", api_visibility="undocumented", queue=False
+    )
     stop_shown_until([chat_event, regenerate_event])
     page["compare_stop"].click(h.stop, None, page["verdict"], **hidden)
-    page["clear"].click(h.clear, None, chat_out, api_name="clear", **quick)
-    page["chatbot"].clear(h.clear, None, chat_out, **hidden)  # the Chatbot's own trash button
+    clear_event = page["clear"].click(h.clear, None, chat_out, api_name="clear", **quick)
+    trash_event = page["chatbot"].clear(h.clear, None, chat_out, **hidden)  # the Chatbot's own trash button
     compare = decoding_endpoint(
         zerogpu.gpu_reply(runs=2)(h.compare), h.refuse_compare, settings, ("prompt",), compare_fields
     )
@@ -415,7 +470,10 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
         validator=decoding_validator(h.prepare_compare, settings, ("prompt",), compare_fields, h.admission),
         **gen,
     )
-    demo.load(h.restore, [page["state"]], chat_out, api_name="restore", preprocess=False, **quick)
+    restore_event = demo.load(h.restore, [page["state"]], chat_out, api_name="restore", preprocess=False, **quick)
+    if panel is not None:
+        changed = dict(replies=[chat_event, regenerate_event], edits=[undo_event, edit_event, clear_event, trash_event])
+        _wire_panel(page, panel, restore_event, **changed)
     plots = [page["turn_plot"], page["theory_plot"]]
     page["stats_tab"].select(
         h.stats, [page["state"], sidebar["k"]], stats_out, api_name="stats", preprocess=False, **quick
@@ -440,3 +498,22 @@ def _wire(demo: gr.Blocks, page: dict[str, Any], sidebar: dict[str, Any], h: Han
     )  # one load at a time (the handle's rule): the next is told at once
     page["timer"].tick(h.tick, None, _pick(page, MODEL_OUTPUTS), **hidden)
     return chat_event
+
+
+def _wire_panel(page: dict[str, Any], panel: ConversationPanel, restore: Any, replies: list, edits: list) -> None:
+    """The saved conversations: opened after the browser's copy is shown on load, saved after every event
+    that changes the chat (a reply's save also unlocks the panel), and the panel's own buttons."""
+    hidden = dict(api_visibility="private", queue=False, preprocess=False)
+    chat, shown = [page["state"], page["conversation"]], page["conversation"]
+    opened = _pick(page, OPEN_OUTPUTS)
+    restore.then(panel.load, chat, opened, **hidden)
+    for event in replies:
+        event.then(panel.reply_done, chat, _pick(page, REPLY_DONE_OUTPUTS), **hidden)
+    for event in edits:
+        event.then(panel.save, chat, _pick(page, SAVE_OUTPUTS), **hidden)
+    page["conversations"].input(panel.open, [page["conversations"], shown], opened, **hidden)
+    page["new_chat"].click(panel.new_chat, [shown], opened, **hidden)
+    page["title"].submit(panel.rename, [page["title"], shown], _pick(page, SAVE_OUTPUTS), **hidden)
+    page["delete"].click(panel.ask_delete, [shown], _pick(page, ASK_DELETE_OUTPUTS), **hidden)
+    page["delete_no"].click(panel.cancel_delete, None, _pick(page, CANCEL_DELETE_OUTPUTS), **hidden)
+    page["delete_yes"].click(panel.delete, [page["pending_delete"], shown], _pick(page, DELETE_OUTPUTS), **hidden)
