@@ -30,6 +30,8 @@ from chatapp.lm import DecoderLM, HFDecoderLM
 os.environ.setdefault("SPECCHAT_MODEL_DEVICE", "cpu")
 # The browser-state secret and the user's auth file live in the config folder: tests keep theirs apart.
 os.environ.setdefault("SPECCHAT_CONFIG_DIR", tempfile.mkdtemp(prefix="specchat-test-config-"))
+# Saved conversations and the desktop's instance lock live in the data folder: never the user's.
+os.environ.setdefault("SPECCHAT_DATA_DIR", tempfile.mkdtemp(prefix="specchat-test-data-"))
 
 
 def tiny_llama(vocab: int, *, seed: int = 0, max_positions: int = 96, init_std: float = 0.2):

@@ -216,9 +216,12 @@ def test_regenerate_undo_and_clear_are_saved(tmp_path):
     assert on_disk(tmp_path, conversation)["messages"] == page.messages and page.messages[-1]["content"]
     page.undo()
     assert user_texts(on_disk(tmp_path, conversation)["messages"]) == ["one"] and page.shown["message"] == "two"
-    page.clear()
-    assert on_disk(tmp_path, conversation)["messages"] == [] and page.conversation == conversation
-    assert before != page.messages  # (the file held a reply before)
+    kept = on_disk(tmp_path, conversation)["messages"]
+    page.clear()  # a new chat; the saved conversation is not emptied
+    assert on_disk(tmp_path, conversation)["messages"] == kept and page.conversation == NEW
+    assert "stays saved" in page.notice and page.messages == [] and before
+    page.send("three")  # the next reply starts a conversation of its own
+    assert page.conversation not in (NEW, conversation) and len(files(tmp_path)) == 2
 
 
 def test_an_unchanged_chat_is_not_written_again(tmp_path):

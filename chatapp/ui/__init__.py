@@ -12,6 +12,7 @@ One job per module:
     sidebar     the decoding inputs and the one DecodingSettings built from them
     picker      the Model tab's choice of pair, as [model] settings
     handlers    chat / regenerate / undo / edit / stop / clear / restore / compare / stats / load
+    conversations_panel  the saved conversations beside the chat: list, new, rename, delete, saving
     layout      build_app: the Blocks layout and the wiring
     launch      launch_app, serve, loading the service
 

@@ -17,9 +17,11 @@ store's file is the truth. On page load (`load`) the conversation the browser
 named is opened from disk, else the most recent one, else a new chat; a chat
 the browser holds that has no file (or whose file is gone or unreadable) is
 saved as a new conversation, so that nothing shown is lost. After a reply,
-regenerate, undo, edit or clear, `save` writes the messages when they differ
-from the file's: a new chat's first reply creates its file, and an empty new
-chat is never written. Titles are the store's (the first user message's,
+regenerate, undo or edit, `save` writes the messages when they differ from
+the file's: a new chat's first reply creates its file, and an empty new chat
+is never written. A chat emptied (Clear, or undo of its only turn) becomes a
+new chat and its saved conversation stays in the list as it was: only
+Delete, which asks first, removes one. Titles are the store's (the first user message's,
 unless renamed).
 
 While a reply is generated the page locks the list, New chat and Delete
@@ -58,6 +60,8 @@ from ..settings import ServerSettings
 from .auth import is_loopback
 from .handlers import CHAT_OUTPUTS, Handlers, Outputs
 from .state import clean_state
+
+CLEARED = "ℹ A new chat: the cleared conversation stays saved in the list (Delete removes it)."
 
 SPACE_ENV = "SPACE_ID"  # set in every Hugging Face Space's container
 NEW = ""  # the conversation id of a new chat that is not saved yet
@@ -278,6 +282,8 @@ class ConversationPanel:
         under, and a line when that is not `current`'s file."""
         if not current:
             return (self.store.new(messages).id if messages else NEW), ""
+        if not messages:  # Clear (or undo of the last turn) never empties a saved conversation
+            return NEW, CLEARED
         try:
             kept = self.store.load(current)
         except ConversationNotFound:
