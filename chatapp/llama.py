@@ -306,6 +306,8 @@ class LlamaDecoderLM:
         n = ids.shape[0]
         if start + n > cache.capacity:
             raise ValueError(f"forward past the cache: {start}+{n} > {cache.capacity}")
+        if n == 0 or start < 0:  # the kernels divide work by the token count: refuse here, not crash there
+            raise ValueError(f"a forward needs at least one token at a position >= 0 (got {n} at {start})")
         x = self._embed(ids)
         if self._kernels is not None:
             return self._forward_fused(x, start, cache, logits)
@@ -362,7 +364,8 @@ def _decode_step(lm: LlamaDecoderLM, context: int = 32, verify: int = VERIFY_TOK
     """What to time of `lm` at the end of a prefilled context: a draft (int8) runs 1-token steps
     only; a target runs one step and one verify of `verify` tokens (a speculative round's check),
     whose costs differ by variant (256-bit builds verify 9 tokens at ~1.7 steps, AVX-512 at ~1.2)."""
-    context = min(context, lm.max_positions - verify)
+    verify = max(1, min(verify, lm.max_positions - 1))  # a model of a few positions (the tests') too
+    context = max(1, min(context, lm.max_positions - verify))
     cache = lm.new_cache(context + verify)
     lm.forward([i % lm.vocab_size for i in range(context)], 0, cache, logits=False)
     step = [1 % lm.vocab_size]

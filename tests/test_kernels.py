@@ -471,3 +471,15 @@ def test_the_variant_table_measures_every_path():
     assert result["bandwidth_gb_s"] > 0 and 0 < result["draft_bound_s"] < result["target_bound_s"]
     table = measure.format_table(result)
     assert f"| {variant} (" in table and "| torch (torch ops)" in table and "verify 3 / step" in table
+
+
+def test_a_model_of_few_positions_is_timed_within_them_and_an_empty_forward_is_refused(monkeypatch):
+    from tests.conftest import tiny_llama
+
+    monkeypatch.delenv(loader.VARIANT_ENV, raising=False)
+    monkeypatch.delenv("SPECCHAT_DISABLE_KERNELS", raising=False)
+    lm = LlamaDecoderLM.from_hf(tiny_llama(8, max_positions=8))  # the load-time timing fits 8 positions
+    with pytest.raises(ValueError, match="at least one token"):
+        lm.forward([], 0, lm.new_cache(8))
+    with pytest.raises(ValueError, match="at least one token"):
+        lm.forward([1], -1, lm.new_cache(8))
