@@ -106,7 +106,7 @@ class Page:
 
     def clear(self) -> None:
         self.apply(ui.CHAT_OUTPUTS, self.h.clear())
-        self.apply(SAVE_OUTPUTS, self.panel.save(self.state, self.conversation))
+        self.apply(SAVE_OUTPUTS, self.panel.cleared(self.conversation))
 
     def open(self, conversation_id: Any) -> tuple:
         return self.apply(OPEN_OUTPUTS, self.panel.open(conversation_id, self.conversation))
@@ -490,8 +490,9 @@ def test_the_page_saves_after_every_change_and_loads_from_disk(tmp_path):
     }
     assert "reply_done" in then_of("chat")
     assert "reply_done" in then_of("regenerate")
-    for changed in ("undo", "edit", "clear"):
+    for changed in ("undo", "edit"):
         assert "save" in then_of(changed), changed
+    assert "cleared" in then_of("clear")
     assert "load" in then_of("restore")
     # The panel's events are private: no API names, and /send, /restore ... keep theirs (tests/test_ui.py).
     assert all(fn.api_visibility == "private" for fn in fns if getattr(fn.fn, "__self__", None) is panel)

@@ -19,9 +19,8 @@ the browser holds that has no file (or whose file is gone or unreadable) is
 saved as a new conversation, so that nothing shown is lost. After a reply,
 regenerate, undo or edit, `save` writes the messages when they differ from
 the file's: a new chat's first reply creates its file, and an empty new chat
-is never written. A chat emptied (Clear, or undo of its only turn) becomes a
-new chat and its saved conversation stays in the list as it was: only
-Delete, which asks first, removes one. Titles are the store's (the first user message's,
+is never written. Clear (`cleared`) starts a new chat and leaves the saved
+conversation as it was: only Delete, which asks first, removes one. Titles are the store's (the first user message's,
 unless renamed).
 
 While a reply is generated the page locks the list, New chat and Delete
@@ -261,6 +260,11 @@ class ConversationPanel:
         """The chat changed (undo, edit, clear): write it (see the module docstring)."""
         return self.save_out(**self._save(chat_state, conversation))
 
+    def cleared(self, conversation: Any) -> tuple:
+        """Clear: a new chat. The saved conversation stays as it was (only Delete, which asks, removes one)."""
+        listing, problem = self._listing(NEW)
+        return self.save_out(**listing, notice=problem or (CLEARED if _id(conversation) else gr.skip()))
+
     def reply_done(self, chat_state: Any, conversation: Any) -> tuple:
         """A reply (or regenerate) ended, however it ended: write it, and unlock what the page locked."""
         values = self._save(chat_state, conversation, interactive=True)
@@ -282,8 +286,6 @@ class ConversationPanel:
         under, and a line when that is not `current`'s file."""
         if not current:
             return (self.store.new(messages).id if messages else NEW), ""
-        if not messages:  # Clear (or undo of the last turn) never empties a saved conversation
-            return NEW, CLEARED
         try:
             kept = self.store.load(current)
         except ConversationNotFound:

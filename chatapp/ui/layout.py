@@ -472,7 +472,9 @@ def _wire(
     )
     restore_event = demo.load(h.restore, [page["state"]], chat_out, api_name="restore", preprocess=False, **quick)
     if panel is not None:
-        changed = dict(replies=[chat_event, regenerate_event], edits=[undo_event, edit_event, clear_event, trash_event])
+        changed = dict(
+            replies=[chat_event, regenerate_event], edits=[undo_event, edit_event], clears=[clear_event, trash_event]
+        )
         _wire_panel(page, panel, restore_event, **changed)
     plots = [page["turn_plot"], page["theory_plot"]]
     page["stats_tab"].select(
@@ -500,9 +502,12 @@ def _wire(
     return chat_event
 
 
-def _wire_panel(page: dict[str, Any], panel: ConversationPanel, restore: Any, replies: list, edits: list) -> None:
+def _wire_panel(
+    page: dict[str, Any], panel: ConversationPanel, restore: Any, replies: list, edits: list, clears: list
+) -> None:
     """The saved conversations: opened after the browser's copy is shown on load, saved after every event
-    that changes the chat (a reply's save also unlocks the panel), and the panel's own buttons."""
+    that changes the chat (a reply's save also unlocks the panel), a new chat after Clear, and the panel's
+    own buttons."""
     hidden = dict(api_visibility="private", queue=False, preprocess=False)
     chat, shown = [page["state"], page["conversation"]], page["conversation"]
     opened = _pick(page, OPEN_OUTPUTS)
@@ -511,6 +516,8 @@ def _wire_panel(page: dict[str, Any], panel: ConversationPanel, restore: Any, re
         event.then(panel.reply_done, chat, _pick(page, REPLY_DONE_OUTPUTS), **hidden)
     for event in edits:
         event.then(panel.save, chat, _pick(page, SAVE_OUTPUTS), **hidden)
+    for event in clears:
+        event.then(panel.cleared, [shown], _pick(page, SAVE_OUTPUTS), **hidden)
     page["conversations"].input(panel.open, [page["conversations"], shown], opened, **hidden)
     page["new_chat"].click(panel.new_chat, [shown], opened, **hidden)
     page["title"].submit(panel.rename, [page["title"], shown], _pick(page, SAVE_OUTPUTS), **hidden)
