@@ -20,8 +20,9 @@ Next to the app the server answers three routes of its own, under /specchat:
 `GET status` (the models' status and progress, JSON), `GET loading` (the
 loading page) and `POST focus` (another start asking for the window; it
 must carry the token written with the port in data_dir()/instance.json,
-which only this user can read). Nothing else is written: the window runs
-in private mode, so the web view keeps no cookies or storage on disk.
+which only this user can read). The web view keeps its storage (the page's
+chat and the id of the conversation it shows, gr.BrowserState) in
+data_dir()/window; nothing is written outside the data folder.
 
 It knows the UI only as `build_app`, the theme and CSS of chatapp.ui.launch and
 `load_service`, and the service only through chatapp.ui's ServiceHandle.
@@ -410,7 +411,11 @@ def show_in_window(server: AppServer, lock: InstanceLock, on_window: Callable[[A
             on_window(window)
 
     try:
-        webview.start(boot, private_mode=True, icon=str(ICON_PNG))
+        # Not private: the page keeps its chat and the conversation it shows in the browser's storage
+        # (gr.BrowserState), which a private WebKit view does not have (localStorage is null there).
+        # The view's storage lives in the data folder, like the saved conversations.
+        storage = data_dir() / "window"
+        webview.start(boot, private_mode=False, storage_path=str(storage), icon=str(ICON_PNG))
     except WebViewException as error:
         raise WindowUnavailable(one_line(error)) from None
     finally:

@@ -1,13 +1,15 @@
 """`specchat` (chatapp.desktop.run) with the scripted fake service, for tests/test_desktop.py.
 
-Usage: python tests/desktop_driver.py RESULT.json [--browser] [--delay S]
+Usage: python tests/desktop_driver.py RESULT.json [--browser | --read] [--delay S]
 
 Settings come from the environment as for `specchat` (SPECCHAT_SERVER_PORT,
 SPECCHAT_DATA_DIR, DISPLAY, ...). In a window, once it shows the app, the
 driver types a message into the page by JavaScript (through pywebview),
 presses Send and records the chat's text every few milliseconds while the
 reply streams, then writes RESULT.json and leaves the window open: the test
-closes it the way a user would. With --browser it is `specchat --browser`
+closes it the way a user would. With --read it sends nothing: it waits for
+the conversation the app opens at start and writes the chat's text and the
+conversation list as they show. With --browser it is `specchat --browser`
 with the fake service (RESULT.json is not written).
 """
 
@@ -74,16 +76,29 @@ def drive(result: Path, window) -> None:
     result.write_text(json.dumps({"snapshots": snapshots, "url": evaluate(window, "location.href")}))
 
 
+def read(result: Path, window) -> None:
+    """What a new start shows by itself: the chat (the latest saved conversation) and the list."""
+    wait_for(window, APP_READY)
+    try:
+        wait_for(window, f"({CHAT_TEXT}).includes({json.dumps(MESSAGE)})", timeout=60)
+    except TimeoutError:
+        pass  # the test reads what shows instead
+    listed = "(() => { const l = document.querySelector('#conversation-list'); return l ? l.innerText : ''; })()"
+    result.write_text(json.dumps({"chat": evaluate(window, CHAT_TEXT), "list": evaluate(window, listed)}))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("result", type=Path)
     parser.add_argument("--browser", action="store_true")
+    parser.add_argument("--read", action="store_true")
     parser.add_argument("--delay", type=float, default=0.08)
     args = parser.parse_args()
     factory = lambda progress: FakeService(delay=args.delay)  # noqa: E731
     if args.browser:  # nothing to drive: the test reads the port from the data folder's instance.json
         return desktop.run(load_settings(), browser=True, factory=factory)
-    return desktop.run(load_settings(), factory=factory, on_window=lambda window: drive(args.result, window))
+    job = read if args.read else drive
+    return desktop.run(load_settings(), factory=factory, on_window=lambda window: job(args.result, window))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from chatapp.settings import DEFAULT_SETTINGS_PATH, load_settings
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 DRIVER = ROOT / "tests" / "desktop_driver.py"
+MESSAGE = "Hello from the desktop window"  # what the driver sends (desktop_driver.MESSAGE)
 DESKTOP_ENTRY = ROOT / "packaging" / "desktop" / "specchat.desktop.in"
 SETTINGS = load_settings(DEFAULT_SETTINGS_PATH, env={})
 X_TOOLS = ("Xvfb", "xdotool", "xprop", "import")
@@ -217,7 +218,7 @@ def test_window_streams_a_reply_and_a_second_start_reaches_it(display, tmp_path)
         # The reply streamed: the chat's text grew through several partial replies before the final one.
         replies = [s for s in snapshots if "You said" in s]
         assert len(replies) >= 3, snapshots
-        assert "Hello from the desktop window" in replies[-1] and "That is all." in replies[-1]
+        assert MESSAGE in replies[-1] and "That is all." in replies[-1]
         assert len({len(r) for r in replies}) >= 3
 
         # The busy port made the app move to another one, which it published with its token.
@@ -249,6 +250,22 @@ def test_window_streams_a_reply_and_a_second_start_reaches_it(display, tmp_path)
     finally:
         stop(app)
         busy.close()
+
+    # The conversation is on disk, in the data folder, and the next start opens it by itself.
+    saved = [json.loads(path.read_text()) for path in (tmp_path / "data" / "conversations").glob("*.json")]
+    assert len(saved) == 1 and [m["role"] for m in saved[0]["messages"]] == ["user", "assistant"]
+    assert saved[0]["messages"][0]["content"] == MESSAGE and "That is all." in saved[0]["messages"][1]["content"]
+    reread = tmp_path / "reread.json"
+    again = start([str(DRIVER), str(reread), "--read"], env)
+    try:
+        wait_until(reread.exists, 240, "the saved conversation in a new window", again)
+        shown = json.loads(reread.read_text())
+        assert MESSAGE in shown["chat"] and "That is all." in shown["chat"]
+        assert MESSAGE in shown["list"]  # listed under its derived title
+        close_like_a_user(display, app_window(display))
+        assert again.wait(timeout=30) == 0
+    finally:
+        stop(again)
 
 
 # --- the browser, the lock and the routes, no display needed ------------------------------------------
