@@ -502,3 +502,13 @@ def test_the_app_keeps_freed_memory_for_reuse():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     assert keep_freed_memory()
+
+
+def test_a_speculative_run_times_no_reference_steps(tiny):
+    # The app's in-reply speedup figure costs 3 target steps per reply; the bench measures standard
+    # decoding in its own runs, so its speculative wall time carries none of them.
+    prompt = B.BenchPrompt("p0", "cat", tuple(range(3, 15)))
+    kwargs = {"max_new_tokens": 8, "seed": 0, "options": B.Options(max_new_tokens=8)}
+    run = B.run_config(tiny, B.Config("speculative", 3, 0.0), prompt, **kwargs)
+    assert run["decoding"] == "speculative" and run["rounds"] > 0
+    assert run["reference_steps"] == 0 and run["reference_s"] == 0
