@@ -413,8 +413,8 @@ def show_in_window(server: AppServer, lock: InstanceLock, on_window: Callable[[A
     try:
         # Not private: the page keeps its chat and the conversation it shows in the browser's storage
         # (gr.BrowserState), which a private WebKit view does not have (localStorage is null there).
-        # The view's storage lives in the data folder, like the saved conversations.
-        storage = data_dir() / "window"
+        # The view's storage lives in this instance's data folder, like the saved conversations.
+        storage = lock.folder / "window"
         webview.start(boot, private_mode=False, storage_path=str(storage), icon=str(ICON_PNG))
     except WebViewException as error:
         raise WindowUnavailable(one_line(error)) from None

@@ -242,7 +242,9 @@ class LlamaDecoderLM:
             lm.info.extra["decode_paths_ms"] = "not timed: too little free memory for a second copy of the weights"
             return lm
         margins = {name: VARIANT_MARGIN for name, path in paths.items() if path._kernels is not None}
-        chosen, medians = faster({name: _decode_step(path) for name, path in paths.items()}, margins=margins)
+        verify = 0 if quantize else VERIFY_TOKENS  # a draft only steps; a target also verifies
+        steps = {name: _decode_step(path, verify=verify) for name, path in paths.items()}
+        chosen, medians = faster(steps, margins=margins)
         paths[chosen].info.extra["decode_paths_ms"] = {name: round(ms, 2) for name, ms in medians.items()}
         return paths[chosen]
 
@@ -360,16 +362,16 @@ class LlamaDecoderLM:
         return out.transpose(0, 1).contiguous()
 
 
-def _decode_step(lm: LlamaDecoderLM, context: int = 32, verify: int = VERIFY_TOKENS):
-    """What to time of `lm` at the end of a prefilled context: a draft (int8) runs 1-token steps
-    only; a target runs one step and one verify of `verify` tokens (a speculative round's check),
-    whose costs differ by variant (256-bit builds verify 9 tokens at ~1.7 steps, AVX-512 at ~1.2)."""
-    verify = max(1, min(verify, lm.max_positions - 1))  # a model of a few positions (the tests') too
-    context = max(1, min(context, lm.max_positions - verify))
-    cache = lm.new_cache(context + verify)
+def _decode_step(lm: LlamaDecoderLM, *, verify: int, context: int = 32):
+    """What to time of `lm` at the end of a prefilled context: one 1-token step, then (verify > 0)
+    one verify of `verify` tokens, a speculative round's check, whose cost differs by variant
+    (256-bit builds verify 9 tokens at ~1.7 steps, AVX-512 at ~1.2)."""
+    verify = min(verify, lm.max_positions - 1)  # a model of a few positions (the tests') too
+    context = max(1, min(context, lm.max_positions - max(verify, 1)))
+    cache = lm.new_cache(context + max(verify, 1))
     lm.forward([i % lm.vocab_size for i in range(context)], 0, cache, logits=False)
     step = [1 % lm.vocab_size]
-    if lm.embed is None:  # the int8 draft
+    if verify <= 0:
         return lambda: lm.forward(step, context, cache)
     block = [(1 + i) % lm.vocab_size for i in range(verify)]
     return lambda: (lm.forward(step, context, cache), lm.forward(block, context, cache))
